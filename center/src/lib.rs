@@ -1,0 +1,1 @@
+//! center: the senders' API, dispatcher and coordinator (built in a later issue).

@@ -1,0 +1,1 @@
+//! jepsen-tests: fault injection against real Longlink processes (built in a later issue).

@@ -1,0 +1,87 @@
+//! What every Longlink binary sets up the same way: logs (`LONGLINK_LOG`, `--log-format`),
+//! Prometheus metrics (`--metrics ADDR`), signals (SIGTERM/SIGINT -> graceful shutdown) and
+//! a panic policy (a panic anywhere aborts the process: no half-alive nodes).
+
+use std::net::SocketAddr;
+
+use tokio_util::sync::CancellationToken;
+
+/// Flags shared by every binary; `#[command(flatten)]` them into the binary's own flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Flags {
+    /// Log format: `text` for people, `json` for machines. Levels come from LONGLINK_LOG
+    /// (an env-filter such as `info,keeper=debug`).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9100).
+    #[arg(long, global = true)]
+    pub metrics: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid LONGLINK_LOG filter: {0}")]
+    Filter(String),
+    #[error("cannot serve metrics on {addr}: {reason}")]
+    Metrics { addr: SocketAddr, reason: String },
+}
+
+/// Installs logging, the metrics exporter and the abort-on-panic hook. Call once, from `main`,
+/// inside the Tokio runtime.
+pub fn init(flags: &Flags) -> Result<(), Error> {
+    let filter = match std::env::var("LONGLINK_LOG") {
+        Ok(spec) => tracing_subscriber::EnvFilter::try_new(&spec)
+            .map_err(|e| Error::Filter(e.to_string()))?,
+        Err(_) => tracing_subscriber::EnvFilter::new("info"),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match flags.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    if let Some(addr) = flags.metrics {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .map_err(|e| Error::Metrics {
+                addr,
+                reason: e.to_string(),
+            })?;
+    }
+    abort_on_panic();
+    Ok(())
+}
+
+/// Makes a panic in any thread or task print its message and abort the process, instead of
+/// leaving a node running with a dead task.
+pub fn abort_on_panic() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        std::process::abort();
+    }));
+}
+
+/// A token cancelled on the first SIGTERM or SIGINT.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        }
+        cancel.cancel();
+    });
+    token
+}
