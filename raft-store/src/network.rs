@@ -1,0 +1,266 @@
+//! Sends openraft's RPCs to peers over gRPC (`longlink.raft.RaftPeer`).
+//!
+//! Messages are openraft's own types encoded with bincode; the protobuf layer only carries bytes.
+//! One HTTP/2 channel per peer is shared by heartbeats, appends and snapshots.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures::Stream;
+use futures::StreamExt;
+use longlink_proto::raftpb::RaftMessage;
+use longlink_proto::raftpb::SnapshotChunk;
+use longlink_proto::raftpb::raft_peer_client::RaftPeerClient;
+use openraft::AnyError;
+use openraft::OptionalSend;
+use openraft::RaftNetworkFactory;
+use openraft::base::BoxFuture;
+use openraft::base::BoxStream;
+use openraft::errors::NetworkError;
+use openraft::errors::ReplicationClosed;
+use openraft::errors::Unreachable;
+use openraft::network::Backoff;
+use openraft::network::RPCOption;
+use openraft::network::v2::RaftNetworkV2;
+use tonic::transport::Channel;
+use tonic::transport::Endpoint;
+
+use crate::types::AppendEntriesRequest;
+use crate::types::AppendEntriesResponse;
+use crate::types::Node;
+use crate::types::NodeId;
+use crate::types::RpcError;
+use crate::types::Snapshot;
+use crate::types::SnapshotResponse;
+use crate::types::StreamAppendResult;
+use crate::types::StreamingError;
+use crate::types::TransferLeaderRequest;
+use crate::types::TransferLeaderResponse;
+use crate::types::TypeConfig;
+use crate::types::Vote;
+use crate::types::VoteRequest;
+use crate::types::VoteResponse;
+use crate::types::decode;
+use crate::types::encode;
+
+/// Largest peer message accepted or sent: an append batch of large values, or a snapshot chunk.
+pub(crate) const MAX_PEER_MESSAGE: usize = 256 * 1024 * 1024;
+const SNAPSHOT_CHUNK: usize = 1024 * 1024;
+
+/// Peer channels, shared by Raft replication and by application forwarding.
+#[derive(Clone, Default)]
+pub struct Peers {
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl Peers {
+    /// A client for the peer at `addr` (host:port); connects lazily and reconnects by itself.
+    pub fn client(&self, addr: &str) -> RaftPeerClient<Channel> {
+        let mut channels = self.channels.lock().expect("peer channel map poisoned");
+        let channel = channels
+            .entry(addr.to_string())
+            .or_insert_with(|| {
+                Endpoint::from_shared(format!("http://{addr}"))
+                    .expect("peer address forms a valid URI")
+                    .connect_timeout(Duration::from_millis(500))
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(5))
+                    .keep_alive_timeout(Duration::from_secs(5))
+                    .connect_lazy()
+            })
+            .clone();
+        RaftPeerClient::new(channel)
+            .max_decoding_message_size(MAX_PEER_MESSAGE)
+            .max_encoding_message_size(MAX_PEER_MESSAGE)
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Peers {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &Node) -> PeerConnection {
+        PeerConnection {
+            target,
+            client: self.client(&node.addr),
+        }
+    }
+}
+
+/// openraft's connection to one peer.
+pub struct PeerConnection {
+    target: NodeId,
+    client: RaftPeerClient<Channel>,
+}
+
+fn status_to_rpc(target: NodeId, status: tonic::Status) -> RpcError {
+    let err = AnyError::error(format!("peer {target}: {status}"));
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+            RpcError::Unreachable(Unreachable::new(&err))
+        }
+        _ => RpcError::Network(NetworkError::new(&err)),
+    }
+}
+
+fn codec_error(e: String) -> RpcError {
+    RpcError::Network(NetworkError::new(&AnyError::error(e)))
+}
+
+fn timeout_error(target: NodeId, after: Duration) -> RpcError {
+    RpcError::Unreachable(Unreachable::new(&AnyError::error(format!(
+        "peer {target}: no answer within {after:?}"
+    ))))
+}
+
+impl PeerConnection {
+    fn message<T: serde::Serialize>(value: &T) -> Result<RaftMessage, RpcError> {
+        Ok(RaftMessage {
+            data: encode(value).map_err(codec_error)?,
+        })
+    }
+
+    async fn unary<Req, Resp, F, Fut>(
+        &mut self,
+        req: &Req,
+        option: &RPCOption,
+        call: F,
+    ) -> Result<Resp, RpcError>
+    where
+        Req: serde::Serialize,
+        Resp: serde::de::DeserializeOwned,
+        F: FnOnce(RaftPeerClient<Channel>, RaftMessage) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<RaftMessage>, tonic::Status>>,
+    {
+        let msg = Self::message(req)?;
+        let ttl = option.hard_ttl();
+        let reply = tokio::time::timeout(ttl, call(self.client.clone(), msg))
+            .await
+            .map_err(|_| timeout_error(self.target, ttl))?
+            .map_err(|s| status_to_rpc(self.target, s))?;
+        decode(&reply.into_inner().data).map_err(codec_error)
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerConnection {
+    type SnapshotData = Vec<u8>;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse, RpcError> {
+        self.unary(&rpc, &option, |mut c, m| async move { c.append(m).await })
+            .await
+    }
+
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        _option: RPCOption,
+    ) -> BoxFuture<'s, Result<BoxStream<'s, Result<StreamAppendResult, RpcError>>, RpcError>>
+    where
+        S: Stream<Item = AppendEntriesRequest> + OptionalSend + Unpin + 'static,
+    {
+        let target = self.target;
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            // A request that fails to encode ends the stream; openraft then restarts replication.
+            let outbound = input
+                .map(|req| encode(&req))
+                .take_while(|r| futures::future::ready(r.is_ok()))
+                .filter_map(|r| futures::future::ready(r.ok().map(|data| RaftMessage { data })));
+            let replies = client
+                .stream_append(outbound)
+                .await
+                .map_err(|s| status_to_rpc(target, s))?
+                .into_inner();
+            let results = replies.map(move |item| {
+                let msg = item.map_err(|s| status_to_rpc(target, s))?;
+                decode::<StreamAppendResult>(&msg.data).map_err(codec_error)
+            });
+            Ok(Box::pin(results) as BoxStream<'s, _>)
+        })
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest,
+        option: RPCOption,
+    ) -> Result<VoteResponse, RpcError> {
+        self.unary(&rpc, &option, |mut c, m| async move { c.vote(m).await })
+            .await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest,
+        option: RPCOption,
+    ) -> Result<VoteResponse, RpcError> {
+        self.unary(&rpc, &option, |mut c, m| async move { c.pre_vote(m).await })
+            .await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse, StreamingError> {
+        let vote = encode(&vote).map_err(|e| StreamingError::from(codec_error_net(e)))?;
+        let meta = encode(&snapshot.meta).map_err(|e| StreamingError::from(codec_error_net(e)))?;
+        let data = snapshot.snapshot;
+        let mut chunks = Vec::with_capacity(data.len() / SNAPSHOT_CHUNK + 1);
+        let mut pieces = data.chunks(SNAPSHOT_CHUNK).peekable();
+        let mut first = true;
+        loop {
+            let piece = pieces.next().unwrap_or(&[]);
+            let done = pieces.peek().is_none();
+            chunks.push(SnapshotChunk {
+                vote: if first { vote.clone() } else { Vec::new() },
+                meta: if first { meta.clone() } else { Vec::new() },
+                data: piece.to_vec(),
+                done,
+            });
+            first = false;
+            if done {
+                break;
+            }
+        }
+        let target = self.target;
+        let mut client = self.client.clone();
+        let send = async move { client.snapshot(futures::stream::iter(chunks)).await };
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            reply = send => {
+                let reply = reply.map_err(|s| match status_to_rpc(target, s) {
+                    RpcError::Unreachable(u) => StreamingError::Unreachable(u),
+                    other => StreamingError::Network(NetworkError::new(&AnyError::error(other.to_string()))),
+                })?;
+                decode(&reply.into_inner().data).map_err(|e| StreamingError::from(codec_error_net(e)))
+            }
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse, RpcError> {
+        self.unary(&req, &option, |mut c, m| async move {
+            c.transfer_leader(m).await
+        })
+        .await
+    }
+
+    fn backoff(&self) -> Option<Backoff> {
+        Some(Backoff::new(std::iter::repeat(Duration::from_millis(100))))
+    }
+}
+
+fn codec_error_net(e: String) -> NetworkError<TypeConfig> {
+    NetworkError::new(&AnyError::error(e))
+}

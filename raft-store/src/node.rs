@@ -1,0 +1,491 @@
+//! A Raft group member: openraft plus storage plus networking, behind an API that speaks only in
+//! the application's own commands and responses.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::BasicNode;
+use openraft::ChangeMembers;
+use openraft::Config;
+use openraft::ReadPolicy;
+use openraft::SnapshotPolicy;
+use openraft::async_runtime::WatchReceiver;
+use openraft::errors::ClientWriteError;
+use openraft::errors::RaftError as OpenraftError;
+use openraft::raft::ClientWriteResponse;
+use serde::Deserialize;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::StateMachine;
+use crate::error::Error;
+use crate::error::Result;
+use crate::log_store::LogStore;
+use crate::network::Peers;
+use crate::sm_store::SmStore;
+use crate::types::Command;
+use crate::types::NodeId;
+use crate::types::Raft;
+use crate::types::TypeConfig;
+use crate::types::decode;
+use crate::types::encode;
+
+/// How a node runs. Timing defaults suit a LAN or loopback cluster.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub id: NodeId,
+    /// Directory holding the node's RocksDB (`<data_dir>/raft`).
+    pub data_dir: PathBuf,
+    pub heartbeat_interval: Duration,
+    /// An election starts after a random timeout in this range without hearing from a leader.
+    pub election_timeout_min: Duration,
+    pub election_timeout_max: Duration,
+    /// Build a snapshot (and purge the log before it) every this many applied entries.
+    pub snapshot_every: u64,
+    /// Keep this many entries before the snapshot, so slightly lagging peers catch up by log.
+    pub keep_logs_after_snapshot: u64,
+    /// Upper bound for one write or read barrier, including forwarding to the leader.
+    pub request_timeout: Duration,
+}
+
+impl NodeConfig {
+    pub fn new(id: NodeId, data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            id,
+            data_dir: data_dir.into(),
+            heartbeat_interval: Duration::from_millis(100),
+            election_timeout_min: Duration::from_millis(500),
+            election_timeout_max: Duration::from_millis(1000),
+            snapshot_every: 20_000,
+            keep_logs_after_snapshot: 2_000,
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What a node knows about itself and its group.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeStatus {
+    pub id: NodeId,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub last_log_index: u64,
+    pub committed_index: u64,
+    pub applied_index: u64,
+    pub snapshot_index: u64,
+    /// Voters and their peer addresses.
+    pub voters: BTreeMap<NodeId, String>,
+    /// Learners (non-voting members) and their peer addresses.
+    pub learners: BTreeMap<NodeId, String>,
+}
+
+impl NodeStatus {
+    pub fn is_leader(&self) -> bool {
+        self.leader == Some(self.id)
+    }
+
+    pub fn peer_addr(&self, id: NodeId) -> Option<&str> {
+        self.voters
+            .get(&id)
+            .or_else(|| self.learners.get(&id))
+            .map(String::as_str)
+    }
+}
+
+/// Requests a follower hands to the leader over the peer service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) enum Forwarded {
+    /// An encoded application command.
+    Write(Vec<u8>),
+    AddLearner {
+        id: NodeId,
+        addr: String,
+    },
+    Promote {
+        id: NodeId,
+    },
+    Remove {
+        id: NodeId,
+    },
+    /// Confirm leadership and return the index a linearizable read must wait for.
+    ReadIndex,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum ForwardError {
+    NotLeader(Option<NodeId>),
+    Failed(String),
+}
+
+pub(crate) type ForwardReply = std::result::Result<Vec<u8>, ForwardError>;
+
+pub(crate) struct Inner<M: StateMachine> {
+    pub(crate) config: NodeConfig,
+    pub(crate) raft: Raft<SmStore<M>>,
+    pub(crate) sm: SmStore<M>,
+    pub(crate) peers: Peers,
+    status_rx: watch::Receiver<NodeStatus>,
+}
+
+/// One member of a Raft group replicating `M`. Cheap to clone.
+pub struct RaftNode<M: StateMachine> {
+    pub(crate) inner: Arc<Inner<M>>,
+}
+
+impl<M: StateMachine> Clone for RaftNode<M> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<M: StateMachine> RaftNode<M> {
+    /// Opens (or creates) the node's storage, restores the latest snapshot into `sm`, and starts
+    /// Raft. The node serves peers once [`RaftNode::peer_service`] is mounted on a server.
+    pub async fn open(config: NodeConfig, sm: M) -> Result<Self> {
+        let db = crate::db::open(&config.data_dir)?;
+        let log_store = LogStore::new(db.clone());
+        let sm_store = SmStore::open(db, sm)?;
+        let raft_config = Config {
+            cluster_name: "longlink".into(),
+            heartbeat_interval: config.heartbeat_interval.as_millis() as u64,
+            election_timeout_min: config.election_timeout_min.as_millis() as u64,
+            election_timeout_max: config.election_timeout_max.as_millis() as u64,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
+            max_in_snapshot_log_to_keep: config.keep_logs_after_snapshot,
+            max_payload_entries: 128,
+            enable_pre_vote: Some(true),
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| Error::Raft(e.to_string()))?;
+        let peers = Peers::default();
+        let raft = Raft::new(
+            config.id,
+            Arc::new(raft_config),
+            peers.clone(),
+            log_store,
+            sm_store.clone(),
+        )
+        .await
+        .map_err(|e| Error::Raft(e.to_string()))?;
+
+        let (status_tx, status_rx) = watch::channel(NodeStatus {
+            id: config.id,
+            ..Default::default()
+        });
+        let mut metrics = raft.metrics();
+        tokio::spawn(async move {
+            loop {
+                let status = status_from_metrics(&metrics.borrow_and_update());
+                status_tx.send_if_modified(|old| {
+                    let changed = *old != status;
+                    *old = status;
+                    changed
+                });
+                if metrics.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                raft,
+                sm: sm_store,
+                peers,
+                status_rx,
+            }),
+        })
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.inner.config.id
+    }
+
+    /// Forms a new group from `members` (id -> peer address) if this node has never been part of
+    /// one. Every founding member may call this with the same map; it is a no-op afterwards.
+    pub async fn initialize(&self, members: &BTreeMap<NodeId, String>) -> Result<()> {
+        let raft = &self.inner.raft;
+        if raft
+            .is_initialized()
+            .await
+            .map_err(|e| Error::Raft(e.to_string()))?
+        {
+            return Ok(());
+        }
+        let nodes: BTreeMap<NodeId, BasicNode> = members
+            .iter()
+            .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
+            .collect();
+        match raft.initialize(nodes).await {
+            Ok(()) => Ok(()),
+            Err(OpenraftError::APIError(openraft::errors::InitializeError::NotAllowed(_))) => {
+                Ok(())
+            }
+            Err(e) => Err(Error::Raft(e.to_string())),
+        }
+    }
+
+    /// Replicates `command` and returns what applying it produced. Forwarded to the leader when
+    /// this node is not the leader.
+    pub async fn write(&self, command: M::Command) -> Result<M::Response> {
+        let bytes = encode(&command).map_err(Error::Codec)?;
+        let reply = self.to_leader(Forwarded::Write(bytes)).await?;
+        let outcome: std::result::Result<M::Response, String> =
+            decode(&reply).map_err(Error::Codec)?;
+        outcome.map_err(Error::Codec)
+    }
+
+    /// Waits until this node's state machine reflects every write acknowledged before the call
+    /// (ReadIndex: the leader confirms its leadership with a quorum, then this node waits to have
+    /// applied the leader's commit index). Reads made after this returns are linearizable.
+    pub async fn read_barrier(&self) -> Result<()> {
+        let reply = self.to_leader(Forwarded::ReadIndex).await?;
+        let index: u64 = decode(&reply).map_err(Error::Codec)?;
+        self.wait_applied(index).await
+    }
+
+    /// Waits until the local state machine has applied `index`.
+    pub async fn wait_applied(&self, index: u64) -> Result<()> {
+        let mut applied = self.inner.sm.shared.applied_tx.subscribe();
+        let timeout = self.inner.config.request_timeout;
+        tokio::time::timeout(timeout, applied.wait_for(|a| *a >= index))
+            .await
+            .map_err(|_| Error::Timeout(timeout))?
+            .map_err(|_| Error::Raft("state machine closed".into()))?;
+        Ok(())
+    }
+
+    /// Runs `f` on the local state machine (a serializable read unless preceded by
+    /// [`RaftNode::read_barrier`]).
+    pub fn read<R>(&self, f: impl FnOnce(&M) -> R) -> R {
+        f(&self.inner.sm.read().sm)
+    }
+
+    /// The index of the last applied entry; changes after every applied batch.
+    pub fn applied(&self) -> watch::Receiver<u64> {
+        self.inner.sm.shared.applied_tx.subscribe()
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        self.inner.status_rx.borrow().clone()
+    }
+
+    /// The current term (cheap: no copy of the membership).
+    pub fn term(&self) -> u64 {
+        self.inner.status_rx.borrow().term
+    }
+
+    /// The leader this node follows (or itself), if one is known.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.inner.status_rx.borrow().leader
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader() == Some(self.id())
+    }
+
+    /// Status updates (leader changes, membership changes, progress).
+    pub fn status_watch(&self) -> watch::Receiver<NodeStatus> {
+        self.inner.status_rx.clone()
+    }
+
+    /// Adds a non-voting member that starts receiving the log (or a snapshot) at once.
+    pub async fn add_learner(&self, id: NodeId, addr: String) -> Result<()> {
+        self.to_leader(Forwarded::AddLearner { id, addr })
+            .await
+            .map(drop)
+    }
+
+    /// Turns a caught-up learner into a voter.
+    pub async fn promote(&self, id: NodeId) -> Result<()> {
+        self.to_leader(Forwarded::Promote { id }).await.map(drop)
+    }
+
+    /// Removes a voter or learner from the group.
+    pub async fn remove(&self, id: NodeId) -> Result<()> {
+        self.to_leader(Forwarded::Remove { id }).await.map(drop)
+    }
+
+    /// Asks Raft to build a snapshot now (and purge the log it covers).
+    pub async fn trigger_snapshot(&self) -> Result<()> {
+        self.inner
+            .raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|e| Error::Raft(e.to_string()))
+    }
+
+    /// Stops Raft. Storage is closed when the last clone is dropped.
+    pub async fn shutdown(&self) -> Result<()> {
+        self.inner
+            .raft
+            .shutdown()
+            .await
+            .map_err(|e| Error::Raft(e.to_string()))
+    }
+
+    /// Runs `request` on the leader: locally if this node leads, otherwise over the peer service.
+    /// Retries while an election is in progress, up to the request timeout.
+    async fn to_leader(&self, request: Forwarded) -> Result<Vec<u8>> {
+        let timeout = self.inner.config.request_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut encoded: Option<Vec<u8>> = None;
+        let mut status_rx = self.inner.status_rx.clone();
+        loop {
+            let (leader, leader_addr) = {
+                let status = status_rx.borrow_and_update();
+                let addr = status.leader.and_then(|l| status.peer_addr(l).map(str::to_string));
+                (status.leader, addr)
+            };
+            let attempt = match (leader, leader_addr) {
+                (Some(leader), _) if leader == self.id() => self.inner.handle_forwarded(request.clone()).await,
+                (Some(leader), Some(addr)) => {
+                    if encoded.is_none() {
+                        encoded = Some(encode(&request).map_err(Error::Codec)?);
+                    }
+                    let bytes = encoded.clone().expect("encoded above");
+                    self.forward(leader, &addr, bytes, deadline).await
+                }
+                _ => Err(ForwardError::NotLeader(None)),
+            };
+            let last_error = match attempt {
+                Ok(reply) => return Ok(reply),
+                Err(ForwardError::Failed(reason)) => {
+                    return Err(match leader {
+                        Some(leader) if leader != self.id() && reason.starts_with("unreachable") => {
+                            Error::LeaderUnreachable { leader, reason }
+                        }
+                        _ => Error::Raft(reason),
+                    });
+                }
+                Err(ForwardError::NotLeader(_)) => Error::NoLeader,
+            };
+            // Wait for the next status change (a new leader), or give up at the deadline.
+            match tokio::time::timeout_at(deadline, status_rx.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => return Err(Error::Raft("node stopped".into())),
+                Err(_) => return Err(last_error),
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        leader: NodeId,
+        addr: &str,
+        request: Vec<u8>,
+        deadline: tokio::time::Instant,
+    ) -> ForwardReply {
+        let mut client = self.inner.peers.client(addr);
+        let msg = longlink_proto::raftpb::RaftMessage { data: request };
+        match tokio::time::timeout_at(deadline, client.forward(msg)).await {
+            Err(_) => Err(ForwardError::Failed(format!(
+                "unreachable: leader {leader} did not answer in time"
+            ))),
+            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+                // The leader may be gone; treat like an election in progress.
+                tracing::debug!(leader, %status, "forward to leader failed");
+                Err(ForwardError::NotLeader(None))
+            }
+            Ok(Err(status)) => Err(ForwardError::Failed(format!("unreachable: {status}"))),
+            Ok(Ok(reply)) => decode::<ForwardReply>(&reply.into_inner().data)
+                .unwrap_or_else(|e| Err(ForwardError::Failed(e))),
+        }
+    }
+}
+
+impl<M: StateMachine> Inner<M> {
+    /// Executes a forwarded request, which must arrive at the leader.
+    pub(crate) async fn handle_forwarded(&self, request: Forwarded) -> ForwardReply {
+        match request {
+            Forwarded::Write(bytes) => {
+                let written = self.raft.client_write(Command(bytes)).await;
+                written
+                    .map(|r: ClientWriteResponse<TypeConfig>| r.data)
+                    .map_err(write_error)
+            }
+            Forwarded::ReadIndex => {
+                let linearizer = self
+                    .raft
+                    .get_read_linearizer(ReadPolicy::ReadIndex)
+                    .await
+                    .map_err(|e| match e {
+                        OpenraftError::APIError(
+                            openraft::errors::LinearizableReadError::ForwardToLeader(f),
+                        ) => ForwardError::NotLeader(f.leader_id),
+                        other => ForwardError::Failed(other.to_string()),
+                    })?;
+                encode(&linearizer.read_log_id().index()).map_err(ForwardError::Failed)
+            }
+            Forwarded::AddLearner { id, addr } => self
+                .raft
+                .add_learner(id, BasicNode { addr }, false)
+                .await
+                .map(|_| Vec::new())
+                .map_err(write_error),
+            Forwarded::Promote { id } => self
+                .raft
+                .change_membership(ChangeMembers::AddVoterIds([id].into()), true)
+                .await
+                .map(|_| Vec::new())
+                .map_err(write_error),
+            Forwarded::Remove { id } => {
+                let status = self.status_rx.borrow().clone();
+                let change = if status.voters.contains_key(&id) {
+                    ChangeMembers::RemoveVoters([id].into())
+                } else if status.learners.contains_key(&id) {
+                    ChangeMembers::RemoveNodes([id].into())
+                } else {
+                    return Err(ForwardError::Failed(format!("member {id} not found")));
+                };
+                self.raft
+                    .change_membership(change, false)
+                    .await
+                    .map(|_| Vec::new())
+                    .map_err(write_error)
+            }
+        }
+    }
+}
+
+fn write_error(e: OpenraftError<TypeConfig, ClientWriteError<TypeConfig>>) -> ForwardError {
+    match e {
+        OpenraftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+            ForwardError::NotLeader(f.leader_id)
+        }
+        other => ForwardError::Failed(other.to_string()),
+    }
+}
+
+fn status_from_metrics(m: &openraft::RaftMetrics<TypeConfig>) -> NodeStatus {
+    let membership = m.membership_config.membership();
+    let voter_ids: Vec<NodeId> = membership.voter_ids().collect();
+    let mut voters = BTreeMap::new();
+    let mut learners = BTreeMap::new();
+    for (id, node) in membership.nodes() {
+        if voter_ids.contains(id) {
+            voters.insert(*id, node.addr.clone());
+        } else {
+            learners.insert(*id, node.addr.clone());
+        }
+    }
+    let index = |id: &Option<crate::types::LogId>| id.as_ref().map(|l| l.index()).unwrap_or(0);
+    NodeStatus {
+        id: m.id,
+        leader: m.current_leader,
+        term: m.current_term,
+        last_log_index: m.last_log_index.unwrap_or(0),
+        committed_index: index(&m.cluster_committed),
+        applied_index: index(&m.last_applied),
+        snapshot_index: index(&m.snapshot),
+        voters,
+        learners,
+    }
+}

@@ -1,0 +1,183 @@
+//! The peer side of `longlink.raft.RaftPeer`: receives openraft RPCs and forwarded requests.
+//!
+//! Trust boundary: this service is for the group's own members only. It must be reachable only
+//! on the peer network; it performs no authentication of its own.
+
+use std::pin::Pin;
+
+use futures::Stream;
+use futures::StreamExt;
+use longlink_proto::raftpb::RaftMessage;
+use longlink_proto::raftpb::SnapshotChunk;
+use longlink_proto::raftpb::raft_peer_server::RaftPeer;
+use longlink_proto::raftpb::raft_peer_server::RaftPeerServer;
+use tonic::Request;
+use tonic::Response;
+use tonic::Status;
+use tonic::Streaming;
+
+use crate::StateMachine;
+use crate::network::MAX_PEER_MESSAGE;
+use crate::node::Forwarded;
+use crate::node::RaftNode;
+use crate::types::AppendEntriesRequest;
+use crate::types::Snapshot;
+use crate::types::SnapshotMeta;
+use crate::types::TransferLeaderRequest;
+use crate::types::Vote;
+use crate::types::VoteRequest;
+use crate::types::decode;
+use crate::types::encode;
+
+/// Serves one node's peer RPCs.
+pub struct PeerService<M: StateMachine> {
+    node: RaftNode<M>,
+}
+
+impl<M: StateMachine> RaftNode<M> {
+    /// The tonic service that peers (and forwarding followers) call. Mount it on the node's
+    /// listener next to any client-facing services.
+    pub fn peer_service(&self) -> RaftPeerServer<PeerService<M>> {
+        RaftPeerServer::new(PeerService { node: self.clone() })
+            .max_decoding_message_size(MAX_PEER_MESSAGE)
+            .max_encoding_message_size(MAX_PEER_MESSAGE)
+    }
+}
+
+fn decode_msg<T: serde::de::DeserializeOwned>(msg: &RaftMessage) -> Result<T, Status> {
+    decode(&msg.data)
+        .map_err(|e| Status::invalid_argument(format!("undecodable peer message: {e}")))
+}
+
+fn reply<T: serde::Serialize>(value: &T) -> Result<Response<RaftMessage>, Status> {
+    let data = encode(value).map_err(Status::internal)?;
+    Ok(Response::new(RaftMessage { data }))
+}
+
+fn fatal(e: impl std::fmt::Display) -> Status {
+    Status::unavailable(format!("raft stopped: {e}"))
+}
+
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<RaftMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<M: StateMachine> RaftPeer for PeerService<M> {
+    async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let req: VoteRequest = decode_msg(request.get_ref())?;
+        let resp = self.node.inner.raft.vote(req).await.map_err(fatal)?;
+        reply(&resp)
+    }
+
+    async fn pre_vote(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let req: VoteRequest = decode_msg(request.get_ref())?;
+        let resp = self.node.inner.raft.pre_vote(req).await.map_err(fatal)?;
+        reply(&resp)
+    }
+
+    async fn append(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let req: AppendEntriesRequest = decode_msg(request.get_ref())?;
+        let resp = self
+            .node
+            .inner
+            .raft
+            .append_entries(req)
+            .await
+            .map_err(fatal)?;
+        reply(&resp)
+    }
+
+    type StreamAppendStream = ReplyStream;
+
+    async fn stream_append(
+        &self,
+        request: Request<Streaming<RaftMessage>>,
+    ) -> Result<Response<Self::StreamAppendStream>, Status> {
+        // An undecodable request ends the input; openraft on the leader then restarts the stream.
+        let input = request
+            .into_inner()
+            .take_while(|m| futures::future::ready(m.is_ok()))
+            .filter_map(|m| async move {
+                m.ok()
+                    .and_then(|m| decode::<AppendEntriesRequest>(&m.data).ok())
+            });
+        let output = self.node.inner.raft.stream_append(Box::pin(input));
+        let replies = output.map(|result| match result {
+            Ok(r) => encode(&r)
+                .map(|data| RaftMessage { data })
+                .map_err(Status::internal),
+            Err(e) => Err(fatal(e)),
+        });
+        Ok(Response::new(Box::pin(replies)))
+    }
+
+    async fn snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let mut chunks = request.into_inner();
+        let first = chunks
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
+        let vote: Vote = decode(&first.vote)
+            .map_err(|e| Status::invalid_argument(format!("snapshot vote: {e}")))?;
+        let meta: SnapshotMeta = decode(&first.meta)
+            .map_err(|e| Status::invalid_argument(format!("snapshot meta: {e}")))?;
+        let mut data = first.data;
+        let mut done = first.done;
+        while !done {
+            let chunk = chunks.next().await.ok_or_else(|| {
+                Status::invalid_argument("snapshot stream ended before its last chunk")
+            })??;
+            data.extend_from_slice(&chunk.data);
+            done = chunk.done;
+        }
+        let snapshot = Snapshot {
+            meta,
+            snapshot: data,
+        };
+        let resp = self
+            .node
+            .inner
+            .raft
+            .install_full_snapshot(vote, snapshot)
+            .await
+            .map_err(fatal)?;
+        reply(&resp)
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let req: TransferLeaderRequest = decode_msg(request.get_ref())?;
+        let resp = self
+            .node
+            .inner
+            .raft
+            .handle_transfer_leader(req)
+            .await
+            .map_err(fatal)?;
+        reply(&resp)
+    }
+
+    async fn forward(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let forwarded: Forwarded = decode_msg(request.get_ref())?;
+        let outcome = self.node.inner.handle_forwarded(forwarded).await;
+        reply(&outcome)
+    }
+
+    async fn read_index(
+        &self,
+        _request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let outcome = self.node.inner.handle_forwarded(Forwarded::ReadIndex).await;
+        reply(&outcome)
+    }
+}
