@@ -1,0 +1,97 @@
+//! The `keeper` binary: flags -> [`keeper::KeeperConfig`] -> [`keeper::run`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use keeper::KeeperConfig;
+use keeper::config::ClusterState;
+use keeper::config::parse_initial_cluster;
+
+/// A keeper node: Raft-replicated configuration and coordination store (etcd v3 API).
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Read settings from this TOML file; flags given on the command line override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// This node's id (1, 2, 3, ...).
+    #[arg(long)]
+    id: Option<u64>,
+    /// Client and peer address (etcd v3 gRPC and Raft RPCs share it).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Address others use to reach this node, if not the listen address.
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Directory for the node's RocksDB.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Founding members: 1=HOST:PORT,2=HOST:PORT,3=HOST:PORT.
+    #[arg(long)]
+    initial_cluster: Option<String>,
+    /// `new` forms the cluster on first start; `existing` joins one (after `member add`).
+    #[arg(long, value_enum)]
+    initial_cluster_state: Option<ClusterState>,
+    #[command(flatten)]
+    telemetry: telemetry::Flags,
+}
+
+fn load(cli: &Cli) -> anyhow::Result<KeeperConfig> {
+    let mut config = match &cli.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        None => KeeperConfig::default(),
+    };
+    if let Some(id) = cli.id {
+        config.id = id;
+    }
+    if let Some(listen) = cli.listen {
+        config.listen = listen;
+    }
+    if let Some(advertise) = &cli.advertise {
+        config.advertise = Some(advertise.clone());
+    }
+    if let Some(dir) = &cli.data_dir {
+        config.data_dir = dir.clone();
+    }
+    if let Some(members) = &cli.initial_cluster {
+        config.initial_cluster = parse_initial_cluster(members)
+            .map_err(|e| anyhow::anyhow!("--initial-cluster: {e}"))?;
+    }
+    if let Some(state) = cli.initial_cluster_state {
+        config.initial_cluster_state = state;
+    }
+    config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
+    Ok(config)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = telemetry::init(&cli.telemetry) {
+        eprintln!("keeper: {e}");
+        return ExitCode::FAILURE;
+    }
+    let config = match load(&cli) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("keeper: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shutdown = telemetry::shutdown_on_signal();
+    match keeper::run(config, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keeper: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

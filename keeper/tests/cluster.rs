@@ -1,0 +1,496 @@
+//! A 3-node keeper cluster of real processes, driven through the etcd v3 API (etcd-client).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use std::time::Instant;
+
+use etcd_client::Compare;
+use etcd_client::CompareOp;
+use etcd_client::EventType;
+use etcd_client::GetOptions;
+use etcd_client::PutOptions;
+use etcd_client::Txn;
+use etcd_client::TxnOp;
+use etcd_client::WatchOptions;
+use testkit::KeeperCluster;
+use testkit::wait_until;
+
+const BIN: &str = env!("CARGO_BIN_EXE_keeper");
+/// Timings used by every test cluster (the defaults, written out so the bounds below follow).
+const TIMING: &str = "heartbeat_ms = 100\nelection_timeout_ms = [500, 1000]\n";
+const ELECTION_TIMEOUT_MAX: Duration = Duration::from_millis(1000);
+
+async fn cluster(extra: &str) -> KeeperCluster {
+    KeeperCluster::start(Path::new(BIN), 3, &format!("{TIMING}{extra}"))
+        .await
+        .expect("start 3-node keeper cluster")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kv_txn_and_limits_through_etcd_client() {
+    let c = cluster("").await;
+    let mut client = c.client().await.unwrap();
+
+    let put = client.put("/a/1", "one", None).await.unwrap();
+    let rev1 = put.header().unwrap().revision();
+    client.put("/a/2", "two", None).await.unwrap();
+    client.put("/b/1", "other", None).await.unwrap();
+    let got = client
+        .get("/a/", Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    let keys: Vec<&str> = got.kvs().iter().map(|kv| kv.key_str().unwrap()).collect();
+    assert_eq!(keys, ["/a/1", "/a/2"]);
+    assert_eq!(got.count(), 2);
+
+    // Historical read and limit/more.
+    let old = client
+        .get(
+            "/a/",
+            Some(GetOptions::new().with_prefix().with_revision(rev1)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(old.kvs().len(), 1);
+    let limited = client
+        .get("/", Some(GetOptions::new().with_prefix().with_limit(1)))
+        .await
+        .unwrap();
+    assert_eq!(limited.kvs().len(), 1);
+    assert!(limited.more());
+    assert_eq!(limited.count(), 3);
+
+    // Compare-and-swap on mod_revision: the first succeeds, the stale one fails.
+    let current = client.get("/a/1", None).await.unwrap().kvs()[0].mod_revision();
+    let cas = |rev: i64, value: &'static str| {
+        Txn::new()
+            .when([Compare::mod_revision("/a/1", CompareOp::Equal, rev)])
+            .and_then([TxnOp::put("/a/1", value, None)])
+            .or_else([TxnOp::get("/a/1", None)])
+    };
+    assert!(
+        client
+            .txn(cas(current, "swapped"))
+            .await
+            .unwrap()
+            .succeeded()
+    );
+    let stale = client.txn(cas(current, "lost")).await.unwrap();
+    assert!(!stale.succeeded());
+    assert_eq!(
+        client.get("/a/1", None).await.unwrap().kvs()[0]
+            .value_str()
+            .unwrap(),
+        "swapped"
+    );
+
+    // Delete with prev_kv.
+    let del = client
+        .delete(
+            "/a/",
+            Some(
+                etcd_client::DeleteOptions::new()
+                    .with_prefix()
+                    .with_prev_key(),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(del.deleted(), 2);
+    assert_eq!(del.prev_kvs().len(), 2);
+
+    // Limits: each error is InvalidArgument and names its limit; nothing is written.
+    let before = client
+        .get("/", Some(GetOptions::new().with_prefix().with_count_only()))
+        .await
+        .unwrap()
+        .count();
+    let err = client
+        .put(vec![b'k'; 4097], "v", None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("InvalidArgument") || err.contains("invalid"),
+        "{err}"
+    );
+    assert!(err.contains("4096"), "key limit not named: {err}");
+    let err = client
+        .put("big", vec![0u8; 1536 * 1024 + 1], None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("1572864"), "value limit not named: {err}");
+    let ops: Vec<TxnOp> = (0..3)
+        .map(|i| TxnOp::put(format!("t{i}"), vec![0u8; 1024 * 1024], None))
+        .collect();
+    let err = client
+        .txn(Txn::new().and_then(ops))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("2097152"), "request limit not named: {err}");
+    let after = client
+        .get("/", Some(GetOptions::new().with_prefix().with_count_only()))
+        .await
+        .unwrap()
+        .count();
+    assert_eq!(before, after);
+
+    // Future and compacted revisions use etcd's errors.
+    let rev = client
+        .get("/b/1", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    let err = client
+        .get("/b/1", Some(GetOptions::new().with_revision(rev + 100)))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("future revision"), "{err}");
+    client.compact(rev, None).await.unwrap();
+    let err = client
+        .get("/b/1", Some(GetOptions::new().with_revision(rev1)))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("compacted"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn leases_expire_and_revoke_through_the_log() {
+    let c = cluster("min_lease_ttl_s = 1\n").await;
+    let mut client = c.client().await.unwrap();
+    let short = client.lease_grant(1, None).await.unwrap().id();
+    let kept = client.lease_grant(2, None).await.unwrap().id();
+    client
+        .put("short", "x", Some(PutOptions::new().with_lease(short)))
+        .await
+        .unwrap();
+    client
+        .put("kept", "y", Some(PutOptions::new().with_lease(kept)))
+        .await
+        .unwrap();
+
+    // Keep `kept` alive for 3 s while `short` expires.
+    let (mut keeper, mut responses) = client.lease_keep_alive(kept).await.unwrap();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        keeper.keep_alive().await.unwrap();
+        let resp = responses.message().await.unwrap().unwrap();
+        assert_eq!(resp.ttl(), 2);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        client.get("short", None).await.unwrap().kvs().is_empty(),
+        "expired lease's key survived"
+    );
+    assert_eq!(
+        client.get("kept", None).await.unwrap().kvs().len(),
+        1,
+        "kept-alive lease expired"
+    );
+
+    let ttl = client
+        .lease_time_to_live(
+            kept,
+            Some(etcd_client::LeaseTimeToLiveOptions::new().with_keys()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ttl.granted_ttl(), 2);
+    assert_eq!(ttl.keys(), [b"kept".to_vec()]);
+
+    client.lease_revoke(kept).await.unwrap();
+    assert!(client.get("kept", None).await.unwrap().kvs().is_empty());
+    let leases = client.leases().await.unwrap();
+    assert!(leases.leases().is_empty());
+    let err = client
+        .put("z", "1", Some(PutOptions::new().with_lease(kept)))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("lease not found"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_resumes_exactly_once_and_reports_compaction() {
+    let c = cluster("").await;
+    let mut client = c.client().await.unwrap();
+    let start = client
+        .put("w/0", "0", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+
+    // First watch sees 10 events, then is dropped.
+    let (mut watcher, mut stream) = client
+        .watch(
+            "w/",
+            Some(WatchOptions::new().with_prefix().with_start_revision(start)),
+        )
+        .await
+        .unwrap();
+    for i in 1..10 {
+        client
+            .put(format!("w/{i}"), i.to_string(), None)
+            .await
+            .unwrap();
+    }
+    let mut seen = Vec::new();
+    while seen.len() < 10 {
+        let resp = stream.message().await.unwrap().unwrap();
+        for e in resp.events() {
+            seen.push(e.kv().unwrap().mod_revision());
+        }
+    }
+    watcher.cancel().await.unwrap();
+    drop(stream);
+
+    // Writes while nobody watches, then resume from the next revision.
+    for i in 10..20 {
+        client
+            .put(format!("w/{i}"), i.to_string(), None)
+            .await
+            .unwrap();
+    }
+    client.delete("w/3", None).await.unwrap();
+    let resume_from = seen.last().unwrap() + 1;
+    let (_w2, mut stream) = client
+        .watch(
+            "w/",
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(resume_from)
+                    .with_prev_key(),
+            ),
+        )
+        .await
+        .unwrap();
+    let mut deleted_prev = None;
+    while seen.len() < 21 {
+        let resp = stream.message().await.unwrap().unwrap();
+        for e in resp.events() {
+            seen.push(e.kv().unwrap().mod_revision());
+            if e.event_type() == EventType::Delete {
+                deleted_prev = e.prev_kv().map(|kv| kv.value_str().unwrap().to_string());
+            }
+        }
+    }
+    let expected: Vec<i64> = (start..start + 21).collect();
+    assert_eq!(seen, expected, "events missing, repeated or out of order");
+    assert_eq!(deleted_prev.as_deref(), Some("3"));
+
+    // A watch from a compacted revision is cancelled with the compact revision.
+    let now = client
+        .get("w/0", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    client.compact(now, None).await.unwrap();
+    let (_w3, mut stream) = client
+        .watch(
+            "w/",
+            Some(WatchOptions::new().with_prefix().with_start_revision(start)),
+        )
+        .await
+        .unwrap();
+    let compacted = loop {
+        let resp = stream.message().await.unwrap().unwrap();
+        if resp.canceled() {
+            break resp;
+        }
+    };
+    assert_eq!(compacted.compact_revision(), now);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn leader_kill9_under_load_loses_no_acknowledged_write() {
+    let mut c = cluster("").await;
+    let leader = c.leader().await.unwrap();
+    let survivors: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+
+    // Writers: each writes unique keys and records what was acknowledged and when.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(std::sync::Mutex::new(BTreeMap::<String, Instant>::new()));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let mut client = c.client_for(&[1, 2, 3]).await.unwrap();
+        let stop = stop.clone();
+        let acked = acked.clone();
+        writers.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let key = format!("load/{w}/{i}");
+                if client.put(key.clone(), "v", None).await.is_ok() {
+                    acked.lock().unwrap().insert(key, Instant::now());
+                }
+                i += 1;
+            }
+        }));
+    }
+    wait_until(
+        "writes before the kill",
+        Duration::from_secs(10),
+        || async { (acked.lock().unwrap().len() > 200).then_some(()) },
+    )
+    .await
+    .unwrap();
+
+    let killed_at = Instant::now();
+    c.kill9(leader);
+    let new_leader = c.leader().await.unwrap();
+    assert_ne!(new_leader, leader);
+    // A write acknowledged after the kill, through the survivors.
+    let mut survivor_client = c.client_for(&survivors).await.unwrap();
+    let resumed = wait_until(
+        "a write after the leader kill",
+        Duration::from_secs(20),
+        || {
+            let client = &mut survivor_client;
+            async move {
+                client
+                    .put("after-kill", "1", None)
+                    .await
+                    .ok()
+                    .map(|_| Instant::now())
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let outage = resumed - killed_at;
+    eprintln!("writes resumed {outage:?} after kill -9 of leader {leader}");
+    // Two election timeouts plus the client's own retry delay.
+    assert!(
+        outage < 2 * ELECTION_TIMEOUT_MAX + Duration::from_secs(1),
+        "writes resumed only after {outage:?}"
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+
+    // The old leader restarts, rejoins and converges.
+    c.start_node(leader).unwrap();
+    c.wait_converged().await.unwrap();
+    let acked: Vec<String> = acked.lock().unwrap().keys().cloned().collect();
+    for id in 1..=3 {
+        let mut client = c.client_for(&[id]).await.unwrap();
+        let all = client
+            .get(
+                "load/",
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only()
+                        .with_serializable(),
+                ),
+            )
+            .await
+            .unwrap();
+        let present: std::collections::HashSet<&[u8]> =
+            all.kvs().iter().map(|kv| kv.key()).collect();
+        for key in &acked {
+            assert!(
+                present.contains(key.as_bytes()),
+                "node {id} lost acknowledged write {key}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn full_restart_keeps_every_acknowledged_key() {
+    let mut c = cluster("").await;
+    let mut client = c.client().await.unwrap();
+    for i in 0..300 {
+        client
+            .put(format!("k/{i:04}"), format!("v{i}"), None)
+            .await
+            .unwrap();
+    }
+    drop(client);
+    for id in 1..=3 {
+        c.kill9(id);
+    }
+    for id in 1..=3 {
+        c.start_node(id).unwrap();
+    }
+    c.leader().await.unwrap();
+    let mut client = c.client().await.unwrap();
+    let all = client
+        .get("k/", Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    assert_eq!(all.kvs().len(), 300);
+    assert_eq!(all.kvs()[299].value_str().unwrap(), "v299");
+    c.wait_converged().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn learner_catches_up_by_snapshot_and_is_promoted() {
+    // Snapshot (and purge the log) every 200 entries, so a new node cannot catch up by log.
+    let mut c = cluster("snapshot_every = 200\n").await;
+    let mut client = c.client().await.unwrap();
+    for i in 0..1000 {
+        client.put(format!("s/{i:04}"), "x", None).await.unwrap();
+    }
+
+    let addr = c.define_joiner(4).unwrap();
+    let added = client
+        .member_add(
+            [format!("http://{addr}")],
+            Some(etcd_client::MemberAddOptions::new().with_is_learner()),
+        )
+        .await
+        .unwrap();
+    assert!(added.member().unwrap().is_learner());
+    let id = added.member().unwrap().id();
+    assert_eq!(id, 4);
+    c.start_node(4).unwrap();
+
+    // Promotion succeeds once the learner has caught up.
+    wait_until("learner promotion", Duration::from_secs(30), || {
+        let client = &mut client;
+        async move { client.member_promote(4).await.ok() }
+    })
+    .await
+    .unwrap();
+    let members = client.member_list().await.unwrap();
+    assert_eq!(
+        members.members().iter().filter(|m| !m.is_learner()).count(),
+        4
+    );
+
+    // It caught up by installing a snapshot, and serves linearizable reads.
+    let log = std::fs::read_to_string(c.dir.path().join("keeper-4.log")).unwrap();
+    assert!(
+        log.contains("installed snapshot"),
+        "node 4 did not install a snapshot:\n{log}"
+    );
+    let mut four = c.client_for(&[4]).await.unwrap();
+    four.put("after-promotion", "1", None).await.unwrap();
+    let got = four
+        .get(
+            "s/",
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(got.count(), 1000);
+    assert_eq!(
+        four.get("after-promotion", None).await.unwrap().kvs().len(),
+        1
+    );
+}
