@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# Benchmarks a 3-node keeper cluster against a 3-node etcd cluster on loopback with the same
+# workload (keeper-bench), one system at a time, and prints the comparison table.
+#
+#   scripts/bench-keeper.sh                  # full run (5 s per phase)
+#   scripts/bench-keeper.sh --duration 2s    # extra arguments go to `keeper-bench run`
+#   BENCH_SYSTEMS=etcd scripts/bench-keeper.sh   # only one system (keeper, etcd, or both)
+#
+# Results (JSON per system, the table, the table as JSON) are kept in
+# ${BENCH_OUT:-bench-out}/keeper-vs-etcd-<time>/. Server data and logs live in a temporary
+# directory under ${BENCH_TMPDIR:-/var/tmp} (on disk, not tmpfs: fsync must cost what it costs),
+# removed on every exit, as are all processes this script started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { echo "bench-keeper: $*" >&2; }
+
+read -r -a systems <<<"${BENCH_SYSTEMS:-keeper etcd}"
+for s in "${systems[@]}"; do
+  [[ $s == keeper || $s == etcd ]] || { log "BENCH_SYSTEMS: unknown system '$s' (keeper, etcd)"; exit 2; }
+done
+wants() { [[ " ${systems[*]} " == *" $1 "* ]]; }
+
+scripts/setup.sh
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/longlink-target}"
+export ETCDCTL_API=3
+
+# etcd-client's build script runs protoc; without a system one, use the vendored protoc that
+# proto/ already depends on (fetching sources unpacks it into the cargo registry).
+if [[ -z "${PROTOC:-}" ]] && ! command -v protoc >/dev/null 2>&1; then
+  case "$(uname -m)" in
+    x86_64) arch=x86_64 ;;
+    aarch64) arch=aarch_64 ;;
+    *) log "no protoc for $(uname -m): install protobuf-compiler"; exit 1 ;;
+  esac
+  cargo fetch --locked --quiet
+  PROTOC="$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -path "*/protoc-bin-vendored-linux-$arch-*/bin/protoc" \
+    2>/dev/null | sort -V | tail -n 1)"
+  [[ -n $PROTOC ]] || { log "no protoc found: install protobuf-compiler or set PROTOC"; exit 1; }
+  export PROTOC
+fi
+
+packages=(-p keeper-bench)
+wants keeper && packages+=(-p keeper)
+log "building ${packages[*]} (release; target dir $CARGO_TARGET_DIR)"
+cargo build --release --locked "${packages[@]}"
+bin="$CARGO_TARGET_DIR/release"
+
+work="$(mktemp -d "${BENCH_TMPDIR:-/var/tmp}/keeper-bench.XXXXXX")"
+out="${BENCH_OUT:-bench-out}/keeper-vs-etcd-$(date +%Y%m%d-%H%M%S)"
+mkdir -p "$out"
+pids=()
+
+# Stops every process still in `pids`: TERM, up to 10 s to exit, then KILL.
+stop_all() {
+  local pid i
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do
+    for ((i = 0; i < 100; i++)); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+      log "pid $pid ignored SIGTERM for 10 s, killing it"
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+  done
+  pids=()
+}
+
+cleanup() {
+  local status=$?
+  trap - EXIT INT TERM
+  stop_all
+  if ((status != 0)); then
+    for f in "$work"/*.log; do
+      [[ -e $f ]] || continue
+      echo "---- last lines of $(basename "$f") ----" >&2
+      tail -n 20 "$f" >&2
+    done
+    log "failed (exit $status); partial results, if any, in $out"
+  fi
+  rm -rf "$work"
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Runs a command in the background and records its pid. Until it execs, the forked child would
+# run this script's traps on TERM (and with them `cleanup`), so it drops them first.
+launch() {
+  (
+    trap - EXIT TERM
+    exec "$@"
+  ) &
+  pids+=("$!")
+}
+
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# Polls `etcdctl endpoint health` (a quorum read, so it needs an elected leader) on every
+# endpoint, failing early if a server process died.
+wait_healthy() {
+  local name=$1 endpoints=$2 pid i
+  for ((i = 0; i < 120; i++)); do
+    for pid in "${pids[@]}"; do
+      kill -0 "$pid" 2>/dev/null || { log "$name: process $pid exited during startup"; return 1; }
+    done
+    if etcdctl --endpoints="$endpoints" --dial-timeout=1s --command-timeout=2s endpoint health >/dev/null 2>&1; then
+      log "$name: all 3 endpoints healthy after $((i / 2)) s"
+      return 0
+    fi
+    sleep 0.5
+  done
+  log "$name: not healthy after 60 s"
+  etcdctl --endpoints="$endpoints" endpoint health >&2 || true
+  return 1
+}
+
+start_keeper() {
+  local i port members=""
+  for i in 1 2 3; do members+="${members:+,}$i=127.0.0.1:2379$i"; done
+  for i in 1 2 3; do
+    port=2379$i
+    port_free "$port" || { log "port $port is already in use"; return 1; }
+    launch "$bin/keeper" --id "$i" --listen "127.0.0.1:$port" --data-dir "$work/keeper-$i" \
+      --initial-cluster "$members" >"$work/keeper-$i.log" 2>&1
+  done
+}
+
+start_etcd() {
+  local i port members=""
+  for i in 1 2 3; do members+="${members:+,}n$i=http://127.0.0.1:2480$i"; done
+  for i in 1 2 3; do
+    for port in "2479$i" "2480$i"; do
+      port_free "$port" || { log "port $port is already in use"; return 1; }
+    done
+    launch etcd --name "n$i" --data-dir "$work/etcd-$i" \
+      --listen-client-urls "http://127.0.0.1:2479$i" --advertise-client-urls "http://127.0.0.1:2479$i" \
+      --listen-peer-urls "http://127.0.0.1:2480$i" --initial-advertise-peer-urls "http://127.0.0.1:2480$i" \
+      --initial-cluster "$members" --initial-cluster-token keeper-bench --initial-cluster-state new \
+      --logger zap --log-outputs stderr >"$work/etcd-$i.log" 2>&1
+  done
+}
+
+# Starts one system, waits for it, runs the workload against it, stops it.
+measure() {
+  local name=$1 endpoints=$2
+  shift 2
+  log "$name: starting 3 nodes"
+  "start_$name"
+  wait_healthy "$name" "$endpoints"
+  log "$name: running keeper-bench"
+  # In the background so that INT/TERM reach the trap at once instead of after the run.
+  launch "$bin/keeper-bench" run --system "$name" --endpoints "$endpoints" --out "$out/$name.json" "$@"
+  wait "$!"
+  log "$name: stopping"
+  stop_all
+}
+
+fs="$(df -PT "$work" | awk 'NR == 2 { print $2 }')"
+log "machine: $(nproc) cores, data in $work ($fs), $(etcd --version | head -n 1)"
+[[ $fs != tmpfs ]] || log "warning: $work is on tmpfs, fsync is free there; set BENCH_TMPDIR to a disk"
+
+if wants keeper; then measure keeper 127.0.0.1:23791,127.0.0.1:23792,127.0.0.1:23793 "$@"; fi
+if wants etcd; then measure etcd 127.0.0.1:24791,127.0.0.1:24792,127.0.0.1:24793 "$@"; fi
+
+results=("$out"/*.json)
+"$bin/keeper-bench" report --json "${results[@]}" >"$out/report.json"
+"$bin/keeper-bench" report "${results[@]}" | tee "$out/report.md"
+log "results in $out"
