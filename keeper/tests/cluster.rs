@@ -230,7 +230,7 @@ async fn watch_resumes_exactly_once_and_reports_compaction() {
         .revision();
 
     // First watch sees 10 events, then is dropped.
-    let (mut watcher, mut stream) = client
+    let mut stream = client
         .watch(
             "w/",
             Some(WatchOptions::new().with_prefix().with_start_revision(start)),
@@ -250,7 +250,6 @@ async fn watch_resumes_exactly_once_and_reports_compaction() {
             seen.push(e.kv().unwrap().mod_revision());
         }
     }
-    watcher.cancel().await.unwrap();
     drop(stream);
 
     // Writes while nobody watches, then resume from the next revision.
@@ -262,7 +261,7 @@ async fn watch_resumes_exactly_once_and_reports_compaction() {
     }
     client.delete("w/3", None).await.unwrap();
     let resume_from = seen.last().unwrap() + 1;
-    let (_w2, mut stream) = client
+    let mut stream = client
         .watch(
             "w/",
             Some(
@@ -297,7 +296,7 @@ async fn watch_resumes_exactly_once_and_reports_compaction() {
         .unwrap()
         .revision();
     client.compact(now, None).await.unwrap();
-    let (_w3, mut stream) = client
+    let mut stream = client
         .watch(
             "w/",
             Some(WatchOptions::new().with_prefix().with_start_revision(start)),
@@ -351,12 +350,12 @@ async fn leader_kill9_under_load_loses_no_acknowledged_write() {
     let new_leader = c.leader().await.unwrap();
     assert_ne!(new_leader, leader);
     // A write acknowledged after the kill, through the survivors.
-    let mut survivor_client = c.client_for(&survivors).await.unwrap();
+    let survivor_client = c.client_for(&survivors).await.unwrap();
     let resumed = wait_until(
         "a write after the leader kill",
         Duration::from_secs(20),
         || {
-            let client = &mut survivor_client;
+            let mut client = survivor_client.clone();
             async move {
                 client
                     .put("after-kill", "1", None)
@@ -462,7 +461,7 @@ async fn learner_catches_up_by_snapshot_and_is_promoted() {
 
     // Promotion succeeds once the learner has caught up.
     wait_until("learner promotion", Duration::from_secs(30), || {
-        let client = &mut client;
+        let mut client = client.clone();
         async move { client.member_promote(4).await.ok() }
     })
     .await
@@ -474,7 +473,8 @@ async fn learner_catches_up_by_snapshot_and_is_promoted() {
     );
 
     // It caught up by installing a snapshot, and serves linearizable reads.
-    let log = std::fs::read_to_string(c.dir.path().join("keeper-4.log")).unwrap();
+    let log_path = c.dir.path().join("keeper-4.log");
+    let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(
         log.contains("installed snapshot"),
         "node 4 did not install a snapshot:\n{log}"

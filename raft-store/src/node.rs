@@ -341,11 +341,15 @@ impl<M: StateMachine> RaftNode<M> {
         loop {
             let (leader, leader_addr) = {
                 let status = status_rx.borrow_and_update();
-                let addr = status.leader.and_then(|l| status.peer_addr(l).map(str::to_string));
+                let addr = status
+                    .leader
+                    .and_then(|l| status.peer_addr(l).map(str::to_string));
                 (status.leader, addr)
             };
             let attempt = match (leader, leader_addr) {
-                (Some(leader), _) if leader == self.id() => self.inner.handle_forwarded(request.clone()).await,
+                (Some(leader), _) if leader == self.id() => {
+                    self.inner.handle_forwarded(request.clone()).await
+                }
                 (Some(leader), Some(addr)) => {
                     if encoded.is_none() {
                         encoded = Some(encode(&request).map_err(Error::Codec)?);
@@ -359,7 +363,9 @@ impl<M: StateMachine> RaftNode<M> {
                 Ok(reply) => return Ok(reply),
                 Err(ForwardError::Failed(reason)) => {
                     return Err(match leader {
-                        Some(leader) if leader != self.id() && reason.starts_with("unreachable") => {
+                        Some(leader)
+                            if leader != self.id() && reason.starts_with("unreachable") =>
+                        {
                             Error::LeaderUnreachable { leader, reason }
                         }
                         _ => Error::Raft(reason),
@@ -430,12 +436,14 @@ impl<M: StateMachine> Inner<M> {
                 .await
                 .map(|_| Vec::new())
                 .map_err(write_error),
-            Forwarded::Promote { id } => self
-                .raft
-                .change_membership(ChangeMembers::AddVoterIds([id].into()), true)
-                .await
-                .map(|_| Vec::new())
-                .map_err(write_error),
+            Forwarded::Promote { id } => {
+                self.check_caught_up(id)?;
+                self.raft
+                    .change_membership(ChangeMembers::AddVoterIds([id].into()), true)
+                    .await
+                    .map(|_| Vec::new())
+                    .map_err(write_error)
+            }
             Forwarded::Remove { id } => {
                 let status = self.status_rx.borrow().clone();
                 let change = if status.voters.contains_key(&id) {
@@ -452,6 +460,34 @@ impl<M: StateMachine> Inner<M> {
                     .map_err(write_error)
             }
         }
+    }
+}
+
+/// A learner may become a voter only when it is at most this many entries behind the leader:
+/// promoting a node that is still catching up would leave the group without a working quorum
+/// until it has.
+const PROMOTE_MAX_LAG: u64 = 100;
+
+impl<M: StateMachine> Inner<M> {
+    fn check_caught_up(&self, id: NodeId) -> Result<(), ForwardError> {
+        let metrics = self.raft.metrics();
+        let (last, matched) = {
+            let m = metrics.borrow_watched();
+            let matched = m
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(&id).cloned())
+                .flatten()
+                .map(|l| l.index())
+                .unwrap_or(0);
+            (m.last_log_index.unwrap_or(0), matched)
+        };
+        if matched + PROMOTE_MAX_LAG < last {
+            return Err(ForwardError::Failed(format!(
+                "learner {id} is not caught up: it has {matched} of {last} log entries"
+            )));
+        }
+        Ok(())
     }
 }
 

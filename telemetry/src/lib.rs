@@ -38,11 +38,13 @@ pub fn init(flags: &Flags) -> Result<(), Error> {
     let filter = match std::env::var("LONGLINK_LOG") {
         Ok(spec) => tracing_subscriber::EnvFilter::try_new(&spec)
             .map_err(|e| Error::Filter(e.to_string()))?,
-        Err(_) => tracing_subscriber::EnvFilter::new("info"),
+        // openraft narrates every election at info; its warnings are what operators need.
+        Err(_) => tracing_subscriber::EnvFilter::new("info,openraft=warn"),
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match flags.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -165,66 +165,60 @@ impl KeeperCluster {
         self.client_for(&ids).await
     }
 
-    /// Waits until a running node is leader, as seen by every running voter, and returns its id.
-    pub async fn leader(&self) -> anyhow::Result<u64> {
-        let live: Vec<u64> = self
-            .nodes
+    fn live_ids(&self) -> Vec<u64> {
+        self.nodes
             .iter()
             .filter(|n| n.process.is_some())
             .map(|n| n.id)
-            .collect();
-        wait_until(
-            "a leader agreed by every running node",
-            Duration::from_secs(30),
-            || {
-                let live = live.clone();
-                async move {
-                    let mut seen = None;
-                    for id in &live {
-                        let mut c = self.client_for(&[*id]).await.ok()?;
-                        let status = c.status().await.ok()?;
-                        let leader = status.leader();
-                        if leader == 0
-                            || !live.contains(&leader)
-                            || seen.is_some_and(|s| s != leader)
-                        {
-                            return None;
-                        }
-                        seen = Some(leader);
+            .collect()
+    }
+
+    /// Waits until every running node answers `ask` with the same `Some` value, and returns it.
+    async fn agreed<T, F, Fut>(&self, what: &str, ask: F) -> anyhow::Result<T>
+    where
+        T: PartialEq + Clone,
+        F: Fn(Client) -> Fut + Clone,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let live = self.live_ids();
+        wait_until(what, Duration::from_secs(30), || {
+            let (live, ask) = (live.clone(), ask.clone());
+            async move {
+                let mut seen: Option<T> = None;
+                for id in &live {
+                    let client = self.client_for(&[*id]).await.ok()?;
+                    let here = ask(client).await?;
+                    if seen.as_ref().is_some_and(|s| *s != here) {
+                        return None;
                     }
-                    seen
+                    seen = Some(here);
                 }
-            },
-        )
+                seen
+            }
+        })
+        .await
+    }
+
+    /// Waits until a running node is leader, as seen by every running node, and returns its id.
+    pub async fn leader(&self) -> anyhow::Result<u64> {
+        let live = self.live_ids();
+        self.agreed("a leader agreed by every running node", move |mut c| {
+            let live = live.clone();
+            async move {
+                let leader = c.status().await.ok()?.leader();
+                live.contains(&leader).then_some(leader)
+            }
+        })
         .await
     }
 
     /// Waits until every running node reports the same revision and key-space hash.
     pub async fn wait_converged(&self) -> anyhow::Result<(i64, u32)> {
-        let live: Vec<u64> = self
-            .nodes
-            .iter()
-            .filter(|n| n.process.is_some())
-            .map(|n| n.id)
-            .collect();
-        wait_until(
+        self.agreed(
             "all running replicas to report the same revision and hash",
-            Duration::from_secs(30),
-            || {
-                let live = live.clone();
-                async move {
-                    let mut seen: Option<(i64, u32)> = None;
-                    for id in &live {
-                        let mut c = self.client_for(&[*id]).await.ok()?;
-                        let h = c.hash_kv(0).await.ok()?;
-                        let here = (h.header()?.revision(), h.hash());
-                        if seen.is_some_and(|s| s != here) {
-                            return None;
-                        }
-                        seen = Some(here);
-                    }
-                    seen
-                }
+            |mut c| async move {
+                let h = c.hash_kv(0).await.ok()?;
+                Some((h.header()?.revision(), h.hash()))
             },
         )
         .await

@@ -36,7 +36,7 @@ impl Process {
         cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
         cmd.env(
             "LONGLINK_LOG",
-            std::env::var("LONGLINK_LOG").unwrap_or_else(|_| "info".into()),
+            std::env::var("LONGLINK_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
         );
         for (k, v) in envs {
             cmd.env(k, v);

@@ -1,0 +1,59 @@
+//! The keeper binary as an operator meets it: clean exit on SIGTERM, a one-line reason and a
+//! non-zero exit when it cannot start.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use testkit::KeeperCluster;
+
+const BIN: &str = env!("CARGO_BIN_EXE_keeper");
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_shuts_down_cleanly_and_restart_keeps_data() {
+    let mut c = KeeperCluster::start(Path::new(BIN), 1, "").await.unwrap();
+    let mut client = c.client().await.unwrap();
+    client.put("kept", "1", None).await.unwrap();
+    drop(client);
+    let mut process = c.nodes[0].process.take().unwrap();
+    let code = process.terminate(Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        code,
+        Some(0),
+        "keeper exited with {code:?} after SIGTERM:\n{}",
+        process.log_tail(20)
+    );
+    c.start_node(1).unwrap();
+    c.leader().await.unwrap();
+    let mut client = c.client().await.unwrap();
+    assert_eq!(client.get("kept", None).await.unwrap().kvs().len(), 1);
+}
+
+#[test]
+fn taken_port_and_bad_flags_fail_with_a_reason() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["--id", "1", "--listen", &addr, "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot listen on") && stderr.contains(&addr),
+        "{stderr}"
+    );
+
+    let out = Command::new(BIN)
+        .args(["--id", "2", "--initial-cluster", "1=127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("does not list this node's id 2"),
+        "{stderr}"
+    );
+}
