@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/longlink-target}"
-exec cargo run --release --locked -p longlink -- dev "$@"
+# The dev profile shares its build (RocksDB included) with scripts/test.sh; a release build of
+# RocksDB alone takes most of half an hour on two cores.
+exec cargo run --locked -p longlink -- dev "$@"
