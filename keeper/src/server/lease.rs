@@ -106,7 +106,7 @@ pub(crate) async fn expire_loop(keeper: Arc<Keeper>) {
         }
         // A lease this leader has not applied yet is simply not timed yet: it gets a full TTL
         // once it shows up, so lagging behind can only delay an expiry.
-        let leases = keeper.node.read(|s| s.leases());
+        let leases = keeper.node.read(|s| s.lease_ttls());
         let now = Instant::now();
         let expired: Vec<i64> = {
             let mut state = keeper
@@ -124,13 +124,13 @@ pub(crate) async fn expire_loop(keeper: Arc<Keeper>) {
                 );
             }
             let mut live = HashMap::with_capacity(leases.len());
-            for lease in &leases {
+            for &(id, ttl) in &leases {
                 let deadline = state
                     .by_id
-                    .get(&lease.id)
+                    .get(&id)
                     .copied()
-                    .unwrap_or_else(|| now + Duration::from_secs(lease.ttl as u64));
-                live.insert(lease.id, deadline);
+                    .unwrap_or_else(|| now + Duration::from_secs(ttl as u64));
+                live.insert(id, deadline);
             }
             state.by_id = live;
             state
@@ -327,12 +327,12 @@ impl Lease for Keeper {
         request: Request<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
         let _ = request;
-        let (leases, revision) = self.read(false, |s| (s.leases(), s.revision())).await?;
+        let (leases, revision) = self.read(false, |s| (s.lease_ttls(), s.revision())).await?;
         Ok(Response::new(LeaseLeasesResponse {
             header: self.header(revision),
             leases: leases
                 .into_iter()
-                .map(|l| LeaseStatus { id: l.id })
+                .map(|(id, _)| LeaseStatus { id })
                 .collect(),
         }))
     }

@@ -97,6 +97,14 @@ impl LeaseTable {
             .map(|(&id, lease)| to_info(id, lease))
             .collect()
     }
+
+    /// Every lease's id and granted TTL, sorted by id, without copying attached keys.
+    pub(crate) fn ttls(&self) -> Vec<(i64, i64)> {
+        self.leases
+            .iter()
+            .map(|(&id, lease)| (id, lease.ttl))
+            .collect()
+    }
 }
 
 fn to_info(id: i64, lease: &Lease) -> LeaseInfo {

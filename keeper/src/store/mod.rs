@@ -136,6 +136,12 @@ impl KeeperState {
         self.leases.infos()
     }
 
+    /// Every lease as (id, granted TTL), sorted by id: what timers and listings need, without
+    /// copying each lease's attached keys.
+    pub fn lease_ttls(&self) -> Vec<(i64, i64)> {
+        self.leases.ttls()
+    }
+
     fn check_put(&self, put: &PutOp) -> Result<()> {
         validate_put(put)?;
         if (put.ignore_value || put.ignore_lease) && !self.mvcc.exists(&put.key) {
