@@ -183,6 +183,17 @@ struct WatchTask {
 impl WatchTask {
     async fn run(self) {
         let keeper = &self.keeper;
+        // Catch up with everything committed before the watch was created, so that a watch made
+        // after a write or a compaction returned (possibly through another node) sees it. Without
+        // a leader the watch still starts, from this node's state, as etcd's do.
+        let barrier =
+            tokio::time::timeout(keeper.config.request_timeout(), keeper.node.read_barrier());
+        tokio::select! {
+            _ = self.cancel.cancelled() => return,
+            done = barrier => if !matches!(done, Ok(Ok(()))) {
+                tracing::debug!(watch = self.id, "watch starts without a read barrier");
+            },
+        }
         let mut applied = keeper.node.applied();
         let current = keeper.node.read(|s| s.revision());
         let mut next = if self.create.start_revision > 0 {
