@@ -1,4 +1,4 @@
-//! Compiles the etcd v3 API and the Raft peer service with the vendored protoc,
+//! Compiles the etcd v3 API, the Raft peer service and Longlink's own services with the vendored protoc,
 //! so building needs no system protoc.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -16,6 +16,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "proto/etcd/mvccpb/kv.proto",
                 "proto/etcd/etcdserverpb/rpc.proto",
                 "proto/raft.proto",
+                "proto/register.proto",
+                "proto/room.proto",
+                "proto/client.proto",
             ],
             &["proto"],
         )?;

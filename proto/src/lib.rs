@@ -21,6 +21,24 @@ pub mod raftpb {
     tonic::include_proto!("longlink.raft");
 }
 
+/// register's service: session attach/detach/lookup, room sync and digests (`longlink.register`).
+#[allow(clippy::all)]
+pub mod registerpb {
+    tonic::include_proto!("longlink.register");
+}
+
+/// room's internal service called by center: push, broadcast, kick, stats (`longlink.room`).
+#[allow(clippy::all)]
+pub mod roompb {
+    tonic::include_proto!("longlink.room");
+}
+
+/// Frames between a device and a room (`longlink.client`); devices are never trusted.
+#[allow(clippy::all)]
+pub mod clientpb {
+    tonic::include_proto!("longlink.client");
+}
+
 #[cfg(test)]
 mod tests {
     //! Byte-level checks that catch a wrong field number or type in the .proto files.

@@ -1,0 +1,10 @@
+//! Types shared by register, room and center, so the three agree byte for byte.
+
+pub mod apps;
+pub mod slots;
+
+pub use apps::App;
+pub use apps::AppsConfig;
+pub use slots::SLOTS;
+pub use slots::SlotMap;
+pub use slots::slot_of;

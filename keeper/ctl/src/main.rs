@@ -1,0 +1,3 @@
+//! keeperctl: the operator's CLI for the keeper (being built).
+
+fn main() {}

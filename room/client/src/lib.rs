@@ -1,0 +1,1 @@
+//! Device-side client for the room protocol (being built).
