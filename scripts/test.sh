@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/longlink-target}"
+# Integration tests of one crate start other crates' binaries (testkit::bin finds them).
+cargo build --workspace --bins --locked
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --locked --no-tests=pass "$@"
     cargo test --workspace --locked --doc "$@"
