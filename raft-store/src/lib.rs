@@ -7,6 +7,7 @@
 
 mod db;
 mod error;
+mod forward;
 mod log_store;
 mod network;
 mod node;

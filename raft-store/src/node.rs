@@ -15,13 +15,15 @@ use openraft::async_runtime::WatchReceiver;
 use openraft::errors::ClientWriteError;
 use openraft::errors::RaftError as OpenraftError;
 use openraft::raft::ClientWriteResponse;
-use serde::Deserialize;
-use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::StateMachine;
 use crate::error::Error;
 use crate::error::Result;
+use crate::forward::ForwardError;
+use crate::forward::ForwardReply;
+use crate::forward::Forwarded;
+use crate::forward::WriteBatcher;
 use crate::log_store::LogStore;
 use crate::network::Peers;
 use crate::sm_store::SmStore;
@@ -94,38 +96,13 @@ impl NodeStatus {
     }
 }
 
-/// Requests a follower hands to the leader over the peer service.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) enum Forwarded {
-    /// An encoded application command.
-    Write(Vec<u8>),
-    AddLearner {
-        id: NodeId,
-        addr: String,
-    },
-    Promote {
-        id: NodeId,
-    },
-    Remove {
-        id: NodeId,
-    },
-    /// Confirm leadership and return the index a linearizable read must wait for.
-    ReadIndex,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) enum ForwardError {
-    NotLeader(Option<NodeId>),
-    Failed(String),
-}
-
-pub(crate) type ForwardReply = std::result::Result<Vec<u8>, ForwardError>;
-
 pub(crate) struct Inner<M: StateMachine> {
     pub(crate) config: NodeConfig,
     pub(crate) raft: Raft<SmStore<M>>,
     pub(crate) sm: SmStore<M>,
     pub(crate) peers: Peers,
+    /// Forwarded writes leave for the leader in batches (see `forward.rs`).
+    batcher: WriteBatcher,
     status_rx: watch::Receiver<NodeStatus>,
 }
 
@@ -197,6 +174,7 @@ impl<M: StateMachine> RaftNode<M> {
                 config,
                 raft,
                 sm: sm_store,
+                batcher: WriteBatcher::start(peers.clone()),
                 peers,
                 status_rx,
             }),
@@ -346,11 +324,17 @@ impl<M: StateMachine> RaftNode<M> {
                     .and_then(|l| status.peer_addr(l).map(str::to_string));
                 (status.leader, addr)
             };
-            let attempt = match (leader, leader_addr) {
-                (Some(leader), _) if leader == self.id() => {
+            let attempt = match (leader, leader_addr, &request) {
+                (Some(leader), _, _) if leader == self.id() => {
                     self.inner.handle_forwarded(request.clone()).await
                 }
-                (Some(leader), Some(addr)) => {
+                (Some(leader), Some(addr), Forwarded::Write(command)) => {
+                    self.inner
+                        .batcher
+                        .write(leader, &addr, command.clone(), deadline)
+                        .await
+                }
+                (Some(leader), Some(addr), _) => {
                     if encoded.is_none() {
                         encoded = Some(encode(&request).map_err(Error::Codec)?);
                     }
@@ -416,6 +400,17 @@ impl<M: StateMachine> Inner<M> {
                 written
                     .map(|r: ClientWriteResponse<TypeConfig>| r.data)
                     .map_err(write_error)
+            }
+            Forwarded::Writes(commands) => {
+                let writes = commands.into_iter().map(|bytes| async move {
+                    self.raft
+                        .client_write(Command(bytes))
+                        .await
+                        .map(|r: ClientWriteResponse<TypeConfig>| r.data)
+                        .map_err(write_error)
+                });
+                let replies: Vec<ForwardReply> = futures::future::join_all(writes).await;
+                encode(&replies).map_err(ForwardError::Failed)
             }
             Forwarded::ReadIndex => {
                 let linearizer = self

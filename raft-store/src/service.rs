@@ -17,8 +17,8 @@ use tonic::Status;
 use tonic::Streaming;
 
 use crate::StateMachine;
+use crate::forward::Forwarded;
 use crate::network::MAX_PEER_MESSAGE;
-use crate::node::Forwarded;
 use crate::node::RaftNode;
 use crate::types::AppendEntriesRequest;
 use crate::types::Snapshot;
