@@ -5,6 +5,7 @@
 #   scripts/bench-keeper.sh                  # full run (5 s per phase)
 #   scripts/bench-keeper.sh --duration 2s    # extra arguments go to `keeper-bench run`
 #   BENCH_SYSTEMS=etcd scripts/bench-keeper.sh   # only one system (keeper, etcd, or both)
+#   KEEPER_CONFIG=my.toml scripts/bench-keeper.sh # keeper settings other than the defaults
 #
 # Results (JSON per system, the table, the table as JSON) are kept in
 # ${BENCH_OUT:-bench-out}/keeper-vs-etcd-<time>/. Server data and logs live in a temporary
@@ -126,7 +127,7 @@ start_keeper() {
     port=2379$i
     port_free "$port" || { log "port $port is already in use"; return 1; }
     launch "$bin/keeper" --id "$i" --listen "127.0.0.1:$port" --data-dir "$work/keeper-$i" \
-      --initial-cluster "$members" >"$work/keeper-$i.log" 2>&1
+      --initial-cluster "$members" ${KEEPER_CONFIG:+--config "$KEEPER_CONFIG"} >"$work/keeper-$i.log" 2>&1
   done
 }
 

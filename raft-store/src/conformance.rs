@@ -28,8 +28,14 @@ impl StateMachine for Counter {
         self.total
     }
 
-    fn snapshot(&self) -> Vec<u8> {
-        self.total.to_be_bytes().to_vec()
+    type Frozen = u64;
+
+    fn freeze(&self) -> u64 {
+        self.total
+    }
+
+    fn encode_frozen(total: u64) -> Vec<u8> {
+        total.to_be_bytes().to_vec()
     }
 
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {

@@ -135,14 +135,18 @@ impl<M: StateMachine> RaftSnapshotBuilder<TypeConfig> for SmStore<M> {
     type SnapshotData = Vec<u8>;
 
     async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
-        let (meta, data) = {
+        // Only the copy is made under the lock; applies resume while it is encoded.
+        let (meta, frozen) = {
             let state = self.read();
             let meta = SnapshotMeta {
                 last_log_id: state.last_applied,
                 last_membership: state.membership.clone(),
             };
-            (meta, state.sm.snapshot())
+            (meta, state.sm.freeze())
         };
+        let data = tokio::task::spawn_blocking(move || M::encode_frozen(frozen))
+            .await
+            .map_err(|e| io::Error::other(format!("snapshot encoding failed: {e}")))?;
         write_snapshot(self.db.clone(), &meta, data.clone()).await?;
         tracing::info!(last_log_id = ?meta.last_log_id, bytes = data.len(), "built snapshot");
         Ok(Snapshot {

@@ -26,8 +26,21 @@ pub trait StateMachine: Send + Sync + 'static {
     /// here; anything like that travels inside the command.
     fn apply(&mut self, index: u64, command: Self::Command) -> Self::Response;
 
-    /// Serializes the whole state for a snapshot.
-    fn snapshot(&self) -> Vec<u8>;
+    /// A frozen copy of the whole state, taken for a snapshot.
+    type Frozen: Send + 'static;
+
+    /// Copies the state for a snapshot. Applies wait while this runs, so it must be cheap (O(1)
+    /// with persistent data structures); the expensive part happens in
+    /// [`StateMachine::encode_frozen`] after applies have resumed.
+    fn freeze(&self) -> Self::Frozen;
+
+    /// Serializes a frozen copy. Runs on a blocking thread while applies go on.
+    fn encode_frozen(frozen: Self::Frozen) -> Vec<u8>;
+
+    /// Serializes the whole state now (what a snapshot of it contains).
+    fn snapshot(&self) -> Vec<u8> {
+        Self::encode_frozen(self.freeze())
+    }
 
     /// Replaces the whole state with a snapshot produced by [`StateMachine::snapshot`].
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String>;

@@ -4,7 +4,10 @@
 //! [`Command::LeaseExpire`](super::Command::LeaseExpire), so every replica drops a lease at
 //! the same log position.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
+
+use imbl::OrdMap;
+use imbl::OrdSet;
 
 use serde::{Deserialize, Serialize};
 
@@ -25,13 +28,13 @@ struct Lease {
     ttl: i64,
     /// Exactly the live keys whose `lease` field is this lease's id; sorted so revocation
     /// deletes them in key order (as etcd does) on every replica.
-    keys: BTreeSet<Vec<u8>>,
+    keys: OrdSet<Vec<u8>>,
 }
 
-/// All live leases by id.
+/// All live leases by id (persistent maps: see `Mvcc::keys`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct LeaseTable {
-    leases: BTreeMap<i64, Lease>,
+    leases: OrdMap<i64, Lease>,
 }
 
 impl LeaseTable {
@@ -56,7 +59,7 @@ impl LeaseTable {
             id,
             Lease {
                 ttl,
-                keys: BTreeSet::new(),
+                keys: OrdSet::new(),
             },
         );
         Ok(())
@@ -64,7 +67,9 @@ impl LeaseTable {
 
     /// Removes the lease and returns its keys in key order.
     pub(crate) fn remove(&mut self, id: i64) -> Option<BTreeSet<Vec<u8>>> {
-        self.leases.remove(&id).map(|lease| lease.keys)
+        self.leases
+            .remove(&id)
+            .map(|lease| lease.keys.into_iter().collect())
     }
 
     /// Moves `key` from lease `from` to lease `to` (either may be 0 for "none").

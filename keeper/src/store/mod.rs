@@ -255,10 +255,17 @@ impl raft_store::StateMachine for KeeperState {
         }
     }
 
-    fn snapshot(&self) -> Vec<u8> {
+    /// O(1): the big maps are persistent and share structure with the live state.
+    type Frozen = KeeperState;
+
+    fn freeze(&self) -> KeeperState {
+        self.clone()
+    }
+
+    fn encode_frozen(state: KeeperState) -> Vec<u8> {
         let snapshot = SnapshotRef {
             format: SNAPSHOT_FORMAT,
-            state: self,
+            state: &state,
         };
         // Plain in-memory data with known lengths: encoding into a Vec cannot fail.
         bincode::serde::encode_to_vec(&snapshot, bincode::config::standard())
@@ -831,6 +838,22 @@ mod tests {
             .result
             .unwrap();
         state
+    }
+
+    #[test]
+    fn frozen_copy_ignores_later_writes() {
+        // Snapshots encode a frozen copy while applies go on: the copy must not see them.
+        let mut state = busy_state();
+        let frozen = state.freeze();
+        let expected = state.clone();
+        put(&mut state, "after/freeze", "x");
+        put(&mut state, "a", "changed after freeze");
+        let mut restored = KeeperState::new();
+        restored
+            .restore(&KeeperState::encode_frozen(frozen))
+            .unwrap();
+        assert_eq!(restored, expected);
+        assert_ne!(restored.hash(), state.hash());
     }
 
     #[test]

@@ -7,9 +7,10 @@
 //! a revision records which keys it changed, and the key's history holds the value before and
 //! after, so values are kept once.
 
-use std::collections::{BTreeMap, VecDeque};
 use std::ops::Bound;
 
+use imbl::OrdMap;
+use imbl::Vector;
 use serde::{Deserialize, Serialize};
 
 use super::command::{Result, StoreError};
@@ -246,11 +247,12 @@ pub(crate) struct DeleteOutcome {
 /// The revisioned key-value store.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Mvcc {
-    /// Every key with a retained change, live or deleted.
-    keys: BTreeMap<Vec<u8>, KeyHistory>,
+    /// Every key with a retained change, live or deleted. A persistent map, so that a snapshot
+    /// can take a copy in O(1) while applies wait and encode it after they resume.
+    keys: OrdMap<Vec<u8>, KeyHistory>,
     /// One element per revision in `max(compact_revision, 2)..=revision`, ascending: every
     /// revision after the initial one was made by exactly one command that changed something.
-    changes: VecDeque<Change>,
+    changes: Vector<Change>,
     /// Starts at 1 (an empty store), as in etcd.
     revision: i64,
     /// Oldest revision still readable; 0 until the first compaction.
@@ -262,8 +264,8 @@ pub(crate) struct Mvcc {
 impl Default for Mvcc {
     fn default() -> Self {
         Mvcc {
-            keys: BTreeMap::new(),
-            changes: VecDeque::new(),
+            keys: OrdMap::new(),
+            changes: Vector::new(),
             revision: 1,
             compact_revision: 0,
             live_keys: 0,
@@ -306,7 +308,7 @@ impl Mvcc {
         revision: i64,
     ) -> impl Iterator<Item = KvRef<'s>> + use<'s> {
         // The map's range iterator does not borrow the bounds, so neither does the result.
-        let keys = range.bounds().map(|b| self.keys.range::<[u8], _>(b));
+        let keys = range.bounds().map(|b| self.keys.range::<_, [u8]>(b));
         keys.into_iter()
             .flatten()
             .filter_map(move |(key, history)| {
@@ -430,12 +432,22 @@ impl Mvcc {
         let Some(bounds) = range.bounds() else {
             return out;
         };
-        for (key, history) in self.keys.range_mut::<[u8], _>(bounds) {
+        // The persistent map has no range_mut: find the live keys first, then change each.
+        let targets: Vec<Vec<u8>> = self
+            .keys
+            .range::<_, [u8]>(bounds)
+            .filter(|(_, history)| history.latest_live().is_some())
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in targets {
+            let Some(history) = self.keys.get_mut(&key[..]) else {
+                continue;
+            };
             let Some((entry, live)) = history.latest_live() else {
                 continue;
             };
             if want_prev {
-                out.prev_kvs.push(entry.to_kv(key, live, false));
+                out.prev_kvs.push(entry.to_kv(&key, live, false));
             }
             if live.lease != 0 {
                 out.detached.push((live.lease, key.clone()));
@@ -476,7 +488,11 @@ impl Mvcc {
                 compact_revision: self.compact_revision,
             });
         }
-        self.keys.retain(|_, history| history.compact(revision));
+        // No retain on the persistent map: rebuild it from the histories that keep something.
+        self.keys = std::mem::take(&mut self.keys)
+            .into_iter()
+            .filter_map(|(key, mut history)| history.compact(revision).then_some((key, history)))
+            .collect();
         while self
             .changes
             .front()
@@ -506,9 +522,19 @@ impl Mvcc {
                 compact_revision: self.compact_revision,
             });
         }
-        let start = self.changes.partition_point(|c| c.revision < from_revision);
+        let start = self
+            .changes
+            .binary_search_by(|c| {
+                if c.revision < from_revision {
+                    std::cmp::Ordering::Less
+                } else {
+                    std::cmp::Ordering::Greater
+                }
+            })
+            .unwrap_or_else(|i| i);
         let mut events = Vec::new();
-        for change in self.changes.range(start..) {
+        for i in start..self.changes.len() {
+            let change = &self.changes[i];
             if limit > 0 && events.len() >= limit {
                 break;
             }
