@@ -1,0 +1,297 @@
+//! The recorded history of one run: client operations and nemesis events, one JSON object per
+//! line (`history.jsonl`), written as they happen so a crashed harness still leaves evidence.
+
+use std::io::BufRead;
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use serde::Deserialize;
+use serde::Serialize;
+
+/// How an operation ended, as far as the client can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// The server acknowledged it; `result` holds what it answered.
+    Ok,
+    /// It certainly did not take effect (rejected, or never left the client).
+    Fail,
+    /// It may or may not have taken effect (timeout, connection lost after sending). The client
+    /// id that issued it is retired: its operation stays open for ever.
+    Unknown,
+}
+
+/// What a client asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OpKind {
+    Get,
+    Put,
+    /// Compare-and-swap: a Txn `value(key) == expect` then `put(key, value)`.
+    Cas,
+}
+
+/// Arguments of an operation. Values are unique per run (a global counter), so a value read
+/// names the write that produced it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Args {
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect: Option<u64>,
+}
+
+/// What the server answered for an `ok` operation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpResult {
+    /// Value read (`get`): `None` when the key does not exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<u64>,
+    /// Whether a `cas` swapped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub succeeded: Option<bool>,
+    /// Store revision in the response header (for a write: the revision it created).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<i64>,
+}
+
+/// One client operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Op {
+    /// Client id; one operation in flight per id, and an `unknown` outcome retires the id.
+    pub client: u64,
+    pub op: OpKind,
+    pub args: Args,
+    /// Nanoseconds since the run started, taken just before sending.
+    pub call_time: u64,
+    /// Nanoseconds since the run started, taken when the answer arrived (or, for `unknown`, when
+    /// the client gave up: the operation itself may take effect later).
+    pub return_time: u64,
+    pub outcome: Outcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<OpResult>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The node slot the client talked to (`None` for any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<usize>,
+}
+
+/// A fault injected or healed, or another harness event worth seeing next to the operations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NemesisEvent {
+    pub time: u64,
+    /// `partition`, `kill`, `pause`, `member`, `heal-all`, `phase`...
+    pub fault: String,
+    /// `start`, `heal`, or `info`.
+    pub action: String,
+    pub detail: String,
+}
+
+/// A line of `history.jsonl`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Entry {
+    Op(Op),
+    Nemesis(NemesisEvent),
+}
+
+/// Collects the history of a run in memory and appends every entry to `history.jsonl` and
+/// nemesis events also to `nemesis.log`. Clients wait for the lock (never drop an entry): the
+/// history is the evidence, and recording costs microseconds next to a network round trip.
+#[derive(Clone)]
+pub struct Recorder {
+    inner: Arc<Mutex<RecorderInner>>,
+    start: Instant,
+    next_client: Arc<AtomicU64>,
+    next_value: Arc<AtomicU64>,
+}
+
+struct RecorderInner {
+    entries: Vec<Entry>,
+    history: Option<std::io::BufWriter<std::fs::File>>,
+    nemesis: Option<std::fs::File>,
+}
+
+impl Recorder {
+    /// Writes into `dir/history.jsonl` and `dir/nemesis.log`.
+    pub fn create(dir: &Path) -> anyhow::Result<Self> {
+        let history = std::fs::File::create(dir.join("history.jsonl"))?;
+        let nemesis = std::fs::File::create(dir.join("nemesis.log"))?;
+        Ok(Self::with_files(
+            Some(std::io::BufWriter::new(history)),
+            Some(nemesis),
+        ))
+    }
+
+    /// Keeps the history in memory only (tests).
+    pub fn in_memory() -> Self {
+        Self::with_files(None, None)
+    }
+
+    fn with_files(
+        history: Option<std::io::BufWriter<std::fs::File>>,
+        nemesis: Option<std::fs::File>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(RecorderInner {
+                entries: Vec::new(),
+                history,
+                nemesis,
+            })),
+            start: Instant::now(),
+            next_client: Arc::new(AtomicU64::new(0)),
+            next_value: Arc::new(AtomicU64::new(1)),
+        }
+    }
+
+    /// Nanoseconds since the run started.
+    pub fn now(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    /// A fresh client id (a retired id is never reused).
+    pub fn client_id(&self) -> u64 {
+        self.next_client.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A value no other write of this run carries.
+    pub fn unique_value(&self) -> u64 {
+        self.next_value.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn op(&self, op: Op) {
+        self.push(Entry::Op(op));
+    }
+
+    pub fn nemesis(&self, fault: &str, action: &str, detail: impl Into<String>) {
+        let event = NemesisEvent {
+            time: self.now(),
+            fault: fault.to_string(),
+            action: action.to_string(),
+            detail: detail.into(),
+        };
+        eprintln!(
+            "  [{:>7.2}s] {} {}: {}",
+            event.time as f64 / 1e9,
+            event.fault,
+            event.action,
+            event.detail
+        );
+        self.push(Entry::Nemesis(event));
+    }
+
+    fn push(&self, entry: Entry) {
+        let mut inner = self.inner.lock().expect("recorder lock");
+        let inner = &mut *inner;
+        if let Some(w) = inner.history.as_mut() {
+            let line = serde_json::to_string(&entry).expect("history entries serialize");
+            let _ = writeln!(w, "{line}");
+        }
+        if let (Entry::Nemesis(e), Some(f)) = (&entry, inner.nemesis.as_mut()) {
+            let _ = writeln!(
+                f,
+                "{:>10.3}s {:<10} {:<5} {}",
+                e.time as f64 / 1e9,
+                e.fault,
+                e.action,
+                e.detail
+            );
+        }
+        inner.entries.push(entry);
+    }
+
+    pub fn flush(&self) {
+        let mut inner = self.inner.lock().expect("recorder lock");
+        if let Some(w) = inner.history.as_mut() {
+            let _ = w.flush();
+        }
+    }
+
+    /// A copy of everything recorded so far.
+    pub fn entries(&self) -> Vec<Entry> {
+        self.inner.lock().expect("recorder lock").entries.clone()
+    }
+}
+
+/// The operations of a history, in the order they were recorded.
+pub fn ops(entries: &[Entry]) -> Vec<Op> {
+    entries
+        .iter()
+        .filter_map(|e| match e {
+            Entry::Op(op) => Some(op.clone()),
+            Entry::Nemesis(_) => None,
+        })
+        .collect()
+}
+
+/// Reads a `history.jsonl` back (for `jepsen-tests check`).
+pub fn load(path: &Path) -> anyhow::Result<Vec<Entry>> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+    let mut entries = Vec::new();
+    for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let entry = serde_json::from_str(&line)
+            .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), n + 1))?;
+        entries.push(entry);
+    }
+    Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_round_trip_through_jsonl() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = Recorder::create(dir.path()).unwrap();
+        rec.op(Op {
+            client: 3,
+            op: OpKind::Cas,
+            args: Args {
+                key: "k".into(),
+                value: Some(7),
+                expect: Some(5),
+            },
+            call_time: 10,
+            return_time: 20,
+            outcome: Outcome::Ok,
+            result: Some(OpResult {
+                succeeded: Some(true),
+                revision: Some(9),
+                ..Default::default()
+            }),
+            error: None,
+            node: Some(1),
+        });
+        rec.nemesis("partition", "start", "[1] | [2, 3]");
+        rec.flush();
+        let back = load(&dir.path().join("history.jsonl")).unwrap();
+        assert_eq!(back, rec.entries());
+        let text = std::fs::read_to_string(dir.path().join("history.jsonl")).unwrap();
+        let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        for field in [
+            "client",
+            "op",
+            "args",
+            "call_time",
+            "return_time",
+            "outcome",
+        ] {
+            assert!(first.get(field).is_some(), "missing {field}: {first}");
+        }
+        let log = std::fs::read_to_string(dir.path().join("nemesis.log")).unwrap();
+        assert!(log.contains("partition") && log.contains("[1] | [2, 3]"));
+    }
+}
