@@ -1,0 +1,156 @@
+//! Tasks that keep a register's view current: the slot map (watch), the live rooms (discovery),
+//! the typed config, and the rebuild-timeout timer. Each runs until `shutdown`.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keeper_sdk::ConfigHandle;
+use keeper_sdk::Discovery;
+use keeper_sdk::EventKind;
+use keeper_sdk::Keeper;
+use keeper_sdk::layout;
+use longlink_common::SlotMap;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RegisterConfig;
+use crate::controller::read_map;
+use crate::node::Node;
+
+const RETRY: Duration = Duration::from_millis(300);
+
+/// Follows `/register/slots` from revision `rev + 1` (the map at `rev` is already applied).
+pub async fn slot_map(keeper: Keeper, node: Arc<Node>, mut rev: i64, shutdown: CancellationToken) {
+    loop {
+        let mut watch = match keeper
+            .watch_prefix(layout::REGISTER_SLOTS_KEY, rev + 1)
+            .await
+        {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!("slot map watch: {e}");
+                if !resync(&keeper, &node, &mut rev, &shutdown).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        loop {
+            let events = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                e = watch.next() => e,
+            };
+            match events {
+                Ok(events) => {
+                    for ev in events {
+                        rev = ev.revision.max(rev);
+                        if ev.kind != EventKind::Put || ev.kv.key != layout::REGISTER_SLOTS_KEY {
+                            continue;
+                        }
+                        match ev.kv.json::<SlotMap>() {
+                            Ok(map) => apply(&node, map),
+                            Err(e) => tracing::error!("bad slot map: {e}"),
+                        }
+                    }
+                }
+                Err(e) => {
+                    // Compacted or broken beyond the SDK's own resume: read the map again.
+                    tracing::warn!("slot map watch: {e}");
+                    if !resync(&keeper, &node, &mut rev, &shutdown).await {
+                        return;
+                    }
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn apply(node: &Node, map: SlotMap) {
+    if let Err(e) = node.apply_map(map) {
+        tracing::error!("applying slot map: {e}");
+    }
+}
+
+/// Reads and applies the current map after the watch broke; false on shutdown. Epochs in between
+/// may have been missed (a slot that left and came back would look kept), so every owned slot
+/// rebuilds.
+async fn resync(keeper: &Keeper, node: &Node, rev: &mut i64, shutdown: &CancellationToken) -> bool {
+    loop {
+        match read_map(keeper).await {
+            Ok((map, r)) => {
+                apply(node, map);
+                node.rebuild_owned();
+                *rev = r.max(*rev);
+                return true;
+            }
+            Err(e) => tracing::warn!("reading slot map: {e}"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(RETRY) => {}
+        }
+    }
+}
+
+/// The ids of the instances in `discovery`.
+pub fn ids(discovery: &Discovery) -> BTreeSet<String> {
+    discovery.instances().iter().map(|i| i.id.clone()).collect()
+}
+
+/// Follows the live rooms: departed rooms' sessions are dropped.
+pub async fn rooms(mut discovery: Discovery, node: Arc<Node>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = discovery.changed() => if let Err(e) = r {
+                tracing::warn!("room discovery ended: {e}");
+                return;
+            }
+        }
+        let live = ids(&discovery);
+        let node = node.clone();
+        let done = tokio::task::spawn_blocking(move || node.set_live_rooms(live)).await;
+        if let Ok(Err(e)) = done {
+            tracing::error!("dropping departed rooms: {e}");
+        }
+    }
+}
+
+/// Applies every new version of the typed config that validates.
+pub async fn config(
+    mut handle: ConfigHandle<RegisterConfig>,
+    node: Arc<Node>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            n = handle.changed() => n,
+        };
+        match next {
+            Ok(c) => match c.validate() {
+                Ok(()) => {
+                    tracing::info!(version = handle.version(), "config applied");
+                    node.set_config(c);
+                }
+                Err(e) => tracing::warn!("config version {} refused: {e}", handle.version()),
+            },
+            Err(e) => {
+                tracing::warn!("config follow ended: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// Readies rebuilding slots whose timeout passed.
+pub async fn ticks(node: Arc<Node>, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = every.tick() => node.tick(),
+        }
+    }
+}

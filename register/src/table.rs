@@ -1,0 +1,363 @@
+//! This register's local view of the slot map and the state of each slot it owns (ready or
+//! rebuilding), and the one decision every request goes through: may I answer for this slot at
+//! this epoch?
+//!
+//! Pure logic (time is passed in), so it is unit-tested without a keeper.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+use std::time::Instant;
+
+use longlink_common::SLOTS;
+use longlink_common::SlotMap;
+
+use crate::store::Meta;
+
+/// State of one slot on this register.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotState {
+    NotOwned,
+    /// Owned, but not every live room has re-sent its sessions yet: a lookup miss is not an answer.
+    Rebuilding {
+        since: Instant,
+        /// Rooms that synced this slot (or proved by digest that nothing is missing).
+        synced: BTreeSet<String>,
+    },
+    Ready,
+}
+
+/// What to do with a request for one slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Serve {
+        rebuilding: bool,
+    },
+    WrongOwner {
+        owner: String,
+        epoch: u64,
+    },
+    /// The caller routed by a newer map than ours: retry once we caught up.
+    Behind {
+        epoch: u64,
+    },
+}
+
+/// Slots that need their data dropped after a change of the map.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Change {
+    /// Slots now owned that must start empty (their old data, if any, is stale).
+    pub gained: Vec<u16>,
+    /// Slots no longer owned.
+    pub lost: Vec<u16>,
+}
+
+#[derive(Debug)]
+pub struct SlotTable {
+    me: String,
+    map: SlotMap,
+    states: Vec<SlotState>,
+    /// Live rooms from discovery; `None` until discovery answered (then only the timeout readies a
+    /// rebuilding slot).
+    live_rooms: Option<BTreeSet<String>>,
+    rebuild_timeout: Duration,
+}
+
+impl SlotTable {
+    pub fn new(me: &str, rebuild_timeout: Duration) -> Self {
+        Self {
+            me: me.to_string(),
+            map: SlotMap::empty(),
+            states: vec![SlotState::NotOwned; usize::from(SLOTS)],
+            live_rooms: None,
+            rebuild_timeout,
+        }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.map.epoch
+    }
+
+    pub fn map(&self) -> &SlotMap {
+        &self.map
+    }
+
+    pub fn state(&self, slot: u16) -> &SlotState {
+        &self.states[usize::from(slot)]
+    }
+
+    pub fn set_rebuild_timeout(&mut self, timeout: Duration) {
+        self.rebuild_timeout = timeout;
+    }
+
+    /// The fencing decision. A register serves a slot only if, in its current map, it owns the
+    /// slot and the caller's epoch is not newer than that map. A caller with an older epoch that
+    /// reached the right owner is served (its routing was right); one that reached the wrong
+    /// register learns the owner and our epoch.
+    pub fn verdict(&self, epoch: u64, slot: u16) -> Verdict {
+        if epoch > self.map.epoch {
+            return Verdict::Behind {
+                epoch: self.map.epoch,
+            };
+        }
+        match &self.states[usize::from(slot)] {
+            SlotState::NotOwned => Verdict::WrongOwner {
+                owner: self.map.owner(slot).unwrap_or("").to_string(),
+                epoch: self.map.epoch,
+            },
+            SlotState::Rebuilding { .. } => Verdict::Serve { rebuilding: true },
+            SlotState::Ready => Verdict::Serve { rebuilding: false },
+        }
+    }
+
+    /// Applies a newer map. Slots kept keep their state; gained slots start rebuilding.
+    /// A map with an epoch not newer than ours is ignored (returns no change).
+    pub fn apply(&mut self, map: SlotMap, now: Instant) -> Change {
+        let mut change = Change::default();
+        if map.epoch <= self.map.epoch || map.check().is_err() {
+            return change;
+        }
+        for slot in 0..SLOTS {
+            let i = usize::from(slot);
+            let mine = map.owner(slot) == Some(self.me.as_str());
+            let had = self.states[i] != SlotState::NotOwned;
+            if mine && !had {
+                self.states[i] = SlotState::Rebuilding {
+                    since: now,
+                    synced: BTreeSet::new(),
+                };
+                change.gained.push(slot);
+            } else if !mine && had {
+                self.states[i] = SlotState::NotOwned;
+                change.lost.push(slot);
+            }
+        }
+        self.map = map;
+        self.ready_finished(now);
+        change
+    }
+
+    /// Start-up: the map read from the keeper and what the store says its data is valid for.
+    /// At the same epoch, slots that were ready are served at once and the rest rebuild on top of
+    /// what is stored; at any other epoch every stored slot is stale. Returns slots to drop.
+    pub fn restore(&mut self, map: SlotMap, meta: Option<&Meta>, now: Instant) -> Vec<u16> {
+        let same = meta.is_some_and(|m| m.epoch == map.epoch) && map.check().is_ok();
+        let mut drop = Vec::new();
+        for slot in 0..SLOTS {
+            let i = usize::from(slot);
+            let mine = map.owner(slot) == Some(self.me.as_str());
+            self.states[i] = if !mine {
+                SlotState::NotOwned
+            } else if same && meta.is_some_and(|m| m.ready.contains(&slot)) {
+                SlotState::Ready
+            } else {
+                SlotState::Rebuilding {
+                    since: now,
+                    synced: BTreeSet::new(),
+                }
+            };
+            if !mine || !same {
+                drop.push(slot);
+            }
+        }
+        self.map = map;
+        self.ready_finished(now);
+        drop
+    }
+
+    /// After the lease gate closed and reopened, requests may have been missed: every owned slot
+    /// rebuilds again (keeping its data; rooms' syncs and digests fill the gaps).
+    pub fn rebuild_all(&mut self, now: Instant) {
+        for state in &mut self.states {
+            if *state == SlotState::Ready {
+                *state = SlotState::Rebuilding {
+                    since: now,
+                    synced: BTreeSet::new(),
+                };
+            }
+        }
+        self.ready_finished(now);
+    }
+
+    /// Room `room` synced `slot`; returns whether the slot became ready.
+    pub fn synced(&mut self, slot: u16, room: &str, now: Instant) -> bool {
+        if let SlotState::Rebuilding { synced, .. } = &mut self.states[usize::from(slot)] {
+            synced.insert(room.to_string());
+        }
+        self.ready_finished(now).contains(&slot)
+    }
+
+    /// Discovery changed; returns slots that became ready.
+    pub fn set_live_rooms(&mut self, rooms: BTreeSet<String>, now: Instant) -> Vec<u16> {
+        self.live_rooms = Some(rooms);
+        self.ready_finished(now)
+    }
+
+    /// Timer tick; returns slots that became ready (timeouts).
+    pub fn tick(&mut self, now: Instant) -> Vec<u16> {
+        self.ready_finished(now)
+    }
+
+    fn ready_finished(&mut self, now: Instant) -> Vec<u16> {
+        let mut done = Vec::new();
+        for (i, state) in self.states.iter_mut().enumerate() {
+            if let SlotState::Rebuilding { since, synced } = state {
+                let all_synced = self
+                    .live_rooms
+                    .as_ref()
+                    .is_some_and(|live| live.iter().all(|r| synced.contains(r)));
+                if all_synced || now.saturating_duration_since(*since) >= self.rebuild_timeout {
+                    *state = SlotState::Ready;
+                    done.push(i as u16);
+                }
+            }
+        }
+        done
+    }
+
+    /// What the store's data is valid for, to persist.
+    pub fn meta(&self) -> Meta {
+        Meta {
+            epoch: self.map.epoch,
+            ready: (0..SLOTS)
+                .filter(|s| self.states[usize::from(*s)] == SlotState::Ready)
+                .collect(),
+        }
+    }
+
+    pub fn owned(&self) -> impl Iterator<Item = u16> + '_ {
+        (0..SLOTS).filter(|s| self.states[usize::from(*s)] != SlotState::NotOwned)
+    }
+
+    pub fn counts(&self) -> (u32, u32) {
+        let mut owned = 0;
+        let mut rebuilding = 0;
+        for s in &self.states {
+            match s {
+                SlotState::NotOwned => {}
+                SlotState::Rebuilding { .. } => {
+                    owned += 1;
+                    rebuilding += 1;
+                }
+                SlotState::Ready => owned += 1,
+            }
+        }
+        (owned, rebuilding)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(epoch: u64, owner_of: impl Fn(u16) -> &'static str) -> SlotMap {
+        SlotMap {
+            epoch,
+            slots: (0..SLOTS).map(|s| owner_of(s).to_string()).collect(),
+        }
+    }
+
+    fn rooms(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn fencing_by_epoch_and_owner() {
+        let now = Instant::now();
+        let mut t = SlotTable::new("r1", Duration::from_secs(5));
+        // Before any map: nothing is served.
+        assert_eq!(
+            t.verdict(0, 3),
+            Verdict::WrongOwner {
+                owner: String::new(),
+                epoch: 0
+            }
+        );
+        t.set_live_rooms(rooms(&[]), now);
+        let c = t.apply(map(2, |s| if s < 512 { "r1" } else { "r2" }), now);
+        assert_eq!(c.gained.len(), 512);
+        // With no live rooms a gained slot has nothing to wait for.
+        assert_eq!(t.verdict(2, 3), Verdict::Serve { rebuilding: false });
+        assert_eq!(t.verdict(1, 3), Verdict::Serve { rebuilding: false });
+        assert_eq!(t.verdict(3, 3), Verdict::Behind { epoch: 2 });
+        assert_eq!(
+            t.verdict(2, 600),
+            Verdict::WrongOwner {
+                owner: "r2".into(),
+                epoch: 2
+            }
+        );
+        // An older map is ignored.
+        assert_eq!(t.apply(map(1, |_| "r2"), now), Change::default());
+        assert_eq!(t.epoch(), 2);
+        let c = t.apply(map(3, |s| if s < 500 { "r1" } else { "r2" }), now);
+        assert_eq!(c.lost, (500..512).collect::<Vec<u16>>());
+        assert!(c.gained.is_empty());
+        assert!(matches!(t.verdict(3, 505), Verdict::WrongOwner { .. }));
+    }
+
+    #[test]
+    fn moved_slot_rebuilds_until_every_live_room_synced() {
+        let now = Instant::now();
+        let mut t = SlotTable::new("r1", Duration::from_secs(5));
+        t.set_live_rooms(rooms(&["a", "b"]), now);
+        t.apply(map(1, |s| if s == 7 { "r1" } else { "r2" }), now);
+        assert_eq!(t.verdict(1, 7), Verdict::Serve { rebuilding: true });
+        assert!(!t.synced(7, "a", now));
+        assert_eq!(t.verdict(1, 7), Verdict::Serve { rebuilding: true });
+        assert!(t.synced(7, "b", now));
+        assert_eq!(t.verdict(1, 7), Verdict::Serve { rebuilding: false });
+        assert_eq!(t.meta().ready, vec![7]);
+    }
+
+    #[test]
+    fn room_that_left_is_not_waited_for_and_timeout_bounds_rebuild() {
+        let now = Instant::now();
+        let mut t = SlotTable::new("r1", Duration::from_secs(5));
+        t.set_live_rooms(rooms(&["a", "b"]), now);
+        t.apply(map(1, |s| if s < 2 { "r1" } else { "r2" }), now);
+        t.synced(0, "a", now);
+        assert_eq!(t.set_live_rooms(rooms(&["a"]), now), vec![0]);
+        assert_eq!(t.verdict(1, 1), Verdict::Serve { rebuilding: true });
+        assert!(t.tick(now + Duration::from_millis(4_999)).is_empty());
+        assert_eq!(t.tick(now + Duration::from_secs(5)), vec![1]);
+        assert_eq!(t.counts(), (2, 0));
+    }
+
+    #[test]
+    fn restore_serves_ready_slots_at_the_same_epoch_only() {
+        let now = Instant::now();
+        let m = map(4, |s| if s < 3 { "r1" } else { "r2" });
+        let meta = Meta {
+            epoch: 4,
+            ready: vec![0, 1],
+        };
+        let mut t = SlotTable::new("r1", Duration::from_secs(5));
+        t.set_live_rooms(rooms(&["a"]), now);
+        let dropped = t.restore(m.clone(), Some(&meta), now);
+        assert_eq!(t.verdict(4, 0), Verdict::Serve { rebuilding: false });
+        assert_eq!(t.verdict(4, 2), Verdict::Serve { rebuilding: true });
+        assert!(!dropped.contains(&0) && !dropped.contains(&2) && dropped.contains(&3));
+
+        let mut t = SlotTable::new("r1", Duration::from_secs(5));
+        t.set_live_rooms(rooms(&["a"]), now);
+        let stale = Meta { epoch: 3, ..meta };
+        let dropped = t.restore(m, Some(&stale), now);
+        assert_eq!(dropped.len(), usize::from(SLOTS));
+        assert_eq!(t.verdict(4, 0), Verdict::Serve { rebuilding: true });
+    }
+
+    #[test]
+    fn rebuild_all_after_lease_gap() {
+        let now = Instant::now();
+        let mut t = SlotTable::new("r1", Duration::from_secs(5));
+        t.set_live_rooms(rooms(&[]), now);
+        t.apply(map(1, |_| "r1"), now);
+        t.set_live_rooms(rooms(&["a"]), now);
+        t.rebuild_all(now);
+        assert_eq!(t.verdict(1, 9), Verdict::Serve { rebuilding: true });
+        assert_eq!(
+            t.tick(now + Duration::from_secs(6)).len(),
+            usize::from(SLOTS)
+        );
+    }
+}
