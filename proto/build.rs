@@ -19,6 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "proto/register.proto",
                 "proto/room.proto",
                 "proto/client.proto",
+                "proto/center.proto",
             ],
             &["proto"],
         )?;

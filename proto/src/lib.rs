@@ -39,6 +39,12 @@ pub mod clientpb {
     tonic::include_proto!("longlink.client");
 }
 
+/// center's API for application servers, and the Coordinator service rooms report events to (`longlink.center`).
+#[allow(clippy::all)]
+pub mod centerpb {
+    tonic::include_proto!("longlink.center");
+}
+
 #[cfg(test)]
 mod tests {
     //! Byte-level checks that catch a wrong field number or type in the .proto files.

@@ -1,0 +1,116 @@
+//! The `center` binary: flags -> [`center::CenterConfig`] -> [`center::run`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use center::CenterConfig;
+use clap::Parser;
+
+/// center: Longlink's senders' API (HTTP JSON + gRPC), dispatcher and webhook coordinator.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Read settings from this TOML file (see config/center.toml); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Instance id in discovery (unique among live centers).
+    #[arg(long)]
+    id: Option<String>,
+    /// HTTP API listen address [default 127.0.0.1:8080].
+    #[arg(long)]
+    http: Option<SocketAddr>,
+    /// gRPC API listen address [default 127.0.0.1:8081].
+    #[arg(long)]
+    grpc: Option<SocketAddr>,
+    /// Keeper endpoints, comma-separated [default 127.0.0.1:7379].
+    #[arg(long, env = "KEEPER_ENDPOINTS", value_delimiter = ',')]
+    keeper: Option<Vec<String>>,
+    #[command(flatten)]
+    telemetry: telemetry::Flags,
+}
+
+fn load(cli: &Cli) -> anyhow::Result<CenterConfig> {
+    let mut config = match &cli.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        None => CenterConfig::default(),
+    };
+    if let Some(id) = &cli.id {
+        config.id = id.clone();
+    }
+    if let Some(http) = cli.http {
+        config.http = http;
+    }
+    if let Some(grpc) = cli.grpc {
+        config.grpc = grpc;
+    }
+    if let Some(keeper) = &cli.keeper {
+        config.keeper = keeper.clone();
+    }
+    config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
+    Ok(config)
+}
+
+/// Serves the process's metrics on `--metrics ADDR` as well (the HTTP API serves `/metrics`).
+async fn serve_metrics(
+    addr: SocketAddr,
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
+    let router = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let handle = handle.clone();
+            async move { handle.render() }
+        }),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::warn!("metrics listener: {e}");
+        }
+    });
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // center renders metrics itself (GET /metrics), so it owns the recorder; telemetry sets up
+    // logs and the panic policy only, and --metrics gets the same handle on its own address.
+    let handle = center::prometheus::install();
+    let mut flags = cli.telemetry.clone();
+    let metrics_addr = flags.metrics.take();
+    if let Err(e) = telemetry::init(&flags) {
+        eprintln!("center: {e}");
+        return ExitCode::FAILURE;
+    }
+    let config = match load(&cli) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("center: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let (Some(addr), Some(handle)) = (metrics_addr, handle)
+        && let Err(e) = serve_metrics(addr, handle).await
+    {
+        eprintln!("center: {e}");
+        return ExitCode::FAILURE;
+    }
+    let shutdown = telemetry::shutdown_on_signal();
+    match center::run(config, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("center: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

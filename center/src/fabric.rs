@@ -1,0 +1,282 @@
+//! center's side of the cluster: session lookups in register (batched per slot owner, routed by
+//! the slot map) and calls to rooms (Push, Broadcast, Kick) with flow control per room.
+
+use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use longlink_common::SlotMap;
+use longlink_common::slot_of;
+use longlink_proto::registerpb;
+use longlink_proto::registerpb::register_client::RegisterClient;
+use longlink_proto::roompb::room_client::RoomClient;
+use tokio::sync::Semaphore;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use tonic::transport::Endpoint;
+
+use crate::config::FanoutConfig;
+use crate::error::Error;
+use crate::error::Result;
+use crate::rooms::Rooms;
+
+/// Live registers: instance id -> gRPC address.
+pub type Registers = watch::Receiver<Arc<BTreeMap<String, String>>>;
+/// The slot map from `/register/slots`.
+pub type Slots = watch::Receiver<Arc<SlotMap>>;
+
+/// How many times a lookup is re-routed (wrong owner) or retried (slot rebuilding) before its
+/// users are reported as unknown.
+const LOOKUP_ROUNDS: u32 = 5;
+
+/// The answer for one user.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Lookup {
+    /// Authoritative: these are the user's sessions (none = offline).
+    Sessions(Vec<registerpb::Session>),
+    /// No authoritative answer now (register failing over, unreachable); says why.
+    Unknown(String),
+}
+
+/// Flow control for one room: `room_inflight` calls at once, at most `room_waiters` waiting.
+struct Gate {
+    permits: Semaphore,
+    /// Callers waiting for a permit; past the cap a call fails fast instead of queueing.
+    waiting: AtomicUsize,
+}
+
+/// Clients toward registers and rooms. Channels are created lazily and kept per address.
+pub struct Fabric {
+    config: FanoutConfig,
+    rooms: Rooms,
+    registers: Registers,
+    slots: Slots,
+    /// gRPC channels by address; held only to clone a channel, never across an await.
+    channels: Mutex<HashMap<String, Channel>>,
+    /// Per-room gates by room id; rooms that left discovery are pruned when new ones appear.
+    gates: Mutex<HashMap<String, Arc<Gate>>>,
+}
+
+impl Fabric {
+    pub fn new(config: FanoutConfig, rooms: Rooms, registers: Registers, slots: Slots) -> Fabric {
+        Fabric {
+            config,
+            rooms,
+            registers,
+            slots,
+            channels: Mutex::new(HashMap::new()),
+            gates: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn rpc_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.rpc_timeout_ms)
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let uri = if addr.contains("://") {
+            addr.to_owned()
+        } else {
+            format!("http://{addr}")
+        };
+        let channel = Endpoint::from_shared(uri)
+            .map_err(|e| Error::Internal(format!("bad address {addr:?}: {e}")))?
+            .connect_timeout(self.rpc_timeout())
+            .tcp_nodelay(true)
+            .connect_lazy();
+        channels.insert(addr.to_owned(), channel.clone());
+        Ok(channel)
+    }
+
+    /// Looks up the sessions of `users` of `app`; `result[i]` answers `users[i]`.
+    ///
+    /// Users are grouped by the owner of their slot (one `LookupBatch` per register), answers
+    /// `WRONG_OWNER` are re-sent to the owner named in the answer, and `UNAVAILABLE` (slot
+    /// rebuilding) is retried with backoff: a failover must not turn online users offline.
+    pub async fn lookup(&self, app: &str, users: &[String]) -> Vec<Lookup> {
+        let mut results: Vec<Option<Lookup>> = vec![None; users.len()];
+        let mut why: Vec<String> = vec![String::new(); users.len()];
+        // Routing hint from a WRONG_OWNER answer: (owner, epoch), preferred over our map.
+        let mut hints: HashMap<usize, (String, u64)> = HashMap::new();
+        for round in 0..LOOKUP_ROUNDS {
+            if round > 0 {
+                tokio::time::sleep(Duration::from_millis(25 << round.min(5))).await;
+            }
+            let map = self.slots.borrow().clone();
+            let mut groups: BTreeMap<(String, u64), Vec<usize>> = BTreeMap::new();
+            for (i, user) in users.iter().enumerate() {
+                if results[i].is_some() {
+                    continue;
+                }
+                let route = hints.remove(&i).unwrap_or_else(|| {
+                    let owner = map.owner(slot_of(app, user)).unwrap_or_default();
+                    (owner.to_owned(), map.epoch)
+                });
+                if route.0.is_empty() {
+                    why[i] = format!("slot {} has no register owner", slot_of(app, user));
+                    continue;
+                }
+                groups.entry(route).or_default().push(i);
+            }
+            if groups.is_empty() {
+                if results.iter().all(Option::is_some) {
+                    break;
+                }
+                continue;
+            }
+            let calls = groups.into_iter().map(|((owner, epoch), idx)| {
+                let batch: Vec<registerpb::User> = idx
+                    .iter()
+                    .map(|&i| registerpb::User {
+                        app: app.to_owned(),
+                        user: users[i].clone(),
+                    })
+                    .collect();
+                async move {
+                    let answer = self.lookup_batch(&owner, epoch, batch).await;
+                    (owner, idx, answer)
+                }
+            });
+            for (owner, idx, answer) in futures::future::join_all(calls).await {
+                let answers = match answer {
+                    Ok(a) if a.len() == idx.len() => a,
+                    Ok(a) => {
+                        let msg = format!(
+                            "register {owner} answered {} results for {} users",
+                            a.len(),
+                            idx.len()
+                        );
+                        idx.iter().for_each(|&i| why[i] = msg.clone());
+                        continue;
+                    }
+                    Err(e) => {
+                        idx.iter().for_each(|&i| why[i] = e.to_string());
+                        continue;
+                    }
+                };
+                for (&i, answer) in idx.iter().zip(answers) {
+                    let result = answer.result.unwrap_or_default();
+                    match registerpb::Status::try_from(result.status) {
+                        Ok(registerpb::Status::Ok) => {
+                            results[i] = Some(Lookup::Sessions(answer.sessions));
+                        }
+                        Ok(registerpb::Status::WrongOwner) => {
+                            why[i] =
+                                format!("register {owner}: wrong owner at epoch {}", result.epoch);
+                            if !result.owner.is_empty() && result.owner != owner {
+                                hints.insert(i, (result.owner, result.epoch));
+                            }
+                        }
+                        Ok(registerpb::Status::Invalid) => {
+                            results[i] = Some(Lookup::Unknown(format!(
+                                "register refused the user: {}",
+                                result.message
+                            )));
+                        }
+                        Ok(registerpb::Status::Unavailable) | Err(_) => {
+                            why[i] = format!("register {owner}: unavailable: {}", result.message);
+                        }
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .zip(why)
+            .map(|(r, why)| r.unwrap_or(Lookup::Unknown(why)))
+            .collect()
+    }
+
+    async fn lookup_batch(
+        &self,
+        owner: &str,
+        epoch: u64,
+        users: Vec<registerpb::User>,
+    ) -> Result<Vec<registerpb::LookupResponse>> {
+        let addr = self
+            .registers
+            .borrow()
+            .get(owner)
+            .cloned()
+            .ok_or_else(|| Error::Unavailable(format!("register {owner} is not live")))?;
+        let mut client = RegisterClient::new(self.channel(&addr)?);
+        let request = registerpb::LookupBatchRequest { epoch, users };
+        match tokio::time::timeout(self.rpc_timeout(), client.lookup_batch(request)).await {
+            Ok(Ok(resp)) => Ok(resp.into_inner().results),
+            Ok(Err(status)) => Err(Error::Unavailable(format!(
+                "register {owner}: {}",
+                status.message()
+            ))),
+            Err(_) => Err(Error::Unavailable(format!(
+                "register {owner}: no answer within {:?}",
+                self.rpc_timeout()
+            ))),
+        }
+    }
+
+    fn gate(&self, room_id: &str) -> Arc<Gate> {
+        let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(g) = gates.get(room_id) {
+            return g.clone();
+        }
+        let live = self.rooms.borrow().clone();
+        if gates.len() >= 2 * live.len().max(8) {
+            gates.retain(|id, _| live.iter().any(|r| &r.id == id));
+        }
+        let gate = Arc::new(Gate {
+            permits: Semaphore::new(self.config.room_inflight.max(1)),
+            waiting: AtomicUsize::new(0),
+        });
+        gates.insert(room_id.to_owned(), gate.clone());
+        gate
+    }
+
+    /// Calls room `room_id` through its gate: waits for one of `room_inflight` slots (failing
+    /// fast when `room_waiters` callers already wait), then runs `call` with the RPC timeout.
+    pub async fn with_room<T, F, Fut>(&self, room_id: &str, call: F) -> Result<T>
+    where
+        F: FnOnce(RoomClient<Channel>) -> Fut,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let addr = self
+            .rooms
+            .borrow()
+            .iter()
+            .find(|r| r.id == room_id)
+            .and_then(|r| r.grpc.clone())
+            .ok_or_else(|| Error::Unavailable(format!("room {room_id} is not live")))?;
+        let gate = self.gate(room_id);
+        if gate.waiting.fetch_add(1, Ordering::AcqRel) >= self.config.room_waiters {
+            gate.waiting.fetch_sub(1, Ordering::AcqRel);
+            metrics::counter!("center_room_overload_total").increment(1);
+            return Err(Error::Unavailable(format!(
+                "room {room_id} has {} calls waiting (fanout.room_waiters); retry later",
+                self.config.room_waiters
+            )));
+        }
+        let permit = gate.permits.acquire().await;
+        gate.waiting.fetch_sub(1, Ordering::AcqRel);
+        let _permit = permit.map_err(|_| Error::Internal("room gate closed".into()))?;
+        let client = RoomClient::new(self.channel(&addr)?);
+        match tokio::time::timeout(self.rpc_timeout(), call(client)).await {
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
+            Ok(Err(status)) => Err(Error::Unavailable(format!(
+                "room {room_id}: {}",
+                status.message()
+            ))),
+            Err(_) => Err(Error::Unavailable(format!(
+                "room {room_id}: no answer within {:?}",
+                self.rpc_timeout()
+            ))),
+        }
+    }
+}
