@@ -78,9 +78,17 @@ impl Network {
         if prefix.len() + 4 > 15 {
             bail!("prefix `{prefix}` too long for Linux interface names (15 bytes)");
         }
-        // A /24 picked from the pid so concurrent harnesses do not collide.
+        // A /24 picked from the pid, skipping any already on this machine, so concurrent
+        // harnesses do not collide.
         let pid = std::process::id();
-        let (a, b) = (100 + ((pid >> 8) % 100) as u8, (pid & 0xff) as u8);
+        let used = sh("ip", &["-o", "-4", "addr", "show"])?;
+        let (a, b) = (0..256u32)
+            .map(|k| {
+                let x = pid.wrapping_add(k);
+                (100 + ((x >> 8) % 100) as u8, (x & 0xff) as u8)
+            })
+            .find(|(a, b)| !used.contains(&format!(" 10.{a}.{b}.")))
+            .context("no free 10.x.y.0/24 subnet")?;
         let mut net = Self {
             prefix: prefix.to_string(),
             bridge: format!("{prefix}br"),

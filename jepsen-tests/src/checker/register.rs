@@ -248,7 +248,7 @@ pub fn describe(op: &Op) -> String {
         },
         _ => String::new(),
     };
-    let node = op.node.map(|n| format!(" @n{n}")).unwrap_or_default();
+    let node = op.node.map(|n| format!(" @n{}", n + 1)).unwrap_or_default();
     format!(
         "[{} .. {}] client {}{} {:?}({}) -> {:?}{}",
         secs(op.call_time),
