@@ -21,7 +21,6 @@ use longlink_proto::etcdserverpb::kv_client::KvClient;
 use longlink_proto::etcdserverpb::lease_client::LeaseClient;
 use longlink_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use longlink_proto::etcdserverpb::request_op::Request;
-use longlink_proto::etcdserverpb::response_op::Response;
 use longlink_proto::etcdserverpb::watch_client::WatchClient;
 use longlink_proto::mvccpb;
 use tonic::transport::Channel;
@@ -116,6 +115,15 @@ pub struct RawClients {
 #[derive(Clone)]
 pub struct Keeper {
     inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Keeper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keeper")
+            .field("instance", &self.instance())
+            .field("endpoint", &self.inner.conn.endpoint())
+            .finish()
+    }
 }
 
 struct Inner {
@@ -243,39 +251,55 @@ impl Keeper {
         Ok((resp.kvs.into_iter().map(KeyValue::from).collect(), revision))
     }
 
-    /// Several single keys read at one revision (`revision` 0 = now), and that revision.
+    /// Several single keys read at one revision, and that revision. With `revision` 0 the
+    /// first key is read linearizably and the others at the revision that read returned.
+    ///
+    /// Not a txn: the keeper runs every txn through the Raft log, read-only ones included.
+    /// A read at a fixed revision has one answer on every node that applied it, so those are
+    /// serializable (no ReadIndex round trip); a node that has not applied it yet answers
+    /// OutOfRange.
     pub(crate) async fn get_keys_at(
         &self,
         keys: &[String],
         revision: i64,
     ) -> Result<(Vec<Option<KeyValue>>, i64)> {
-        let ops = keys
-            .iter()
-            .map(|k| RequestOp {
-                request: Some(Request::RequestRange(RangeRequest {
-                    key: k.as_bytes().to_vec(),
-                    revision,
-                    ..Default::default()
-                })),
-            })
-            .collect();
-        let resp = self
-            .txn(TxnRequest {
-                compare: vec![],
-                success: ops,
-                failure: vec![],
-            })
-            .await?;
-        let at = resp.header.map(|h| h.revision).unwrap_or_default();
-        let mut out = Vec::with_capacity(keys.len());
-        for r in resp.responses {
-            let kv = match r.response {
-                Some(Response::ResponseRange(rr)) => rr.kvs.into_iter().next().map(KeyValue::from),
-                _ => None,
-            };
-            out.push(kv);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.get_keys_once(keys, revision).await {
+                Err(Error::Status(s))
+                    if s.code() == tonic::Code::OutOfRange && revision == 0 && attempt < 5 =>
+                {
+                    // The node the later keys went to (after a failover) is behind the first
+                    // read: read all again.
+                    tokio::time::sleep(std::time::Duration::from_millis(20 * attempt)).await;
+                }
+                other => return other,
+            }
         }
-        Ok((out, if revision > 0 { revision } else { at }))
+    }
+
+    async fn get_keys_once(
+        &self,
+        keys: &[String],
+        revision: i64,
+    ) -> Result<(Vec<Option<KeyValue>>, i64)> {
+        let mut at = revision;
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            let req = RangeRequest {
+                key: k.as_bytes().to_vec(),
+                revision: at,
+                serializable: at > 0,
+                ..Default::default()
+            };
+            let resp = self.range(&format!("get {k}"), req).await?;
+            if at == 0 {
+                at = resp.header.map(|h| h.revision).unwrap_or_default();
+            }
+            out.push(resp.kvs.into_iter().next().map(KeyValue::from));
+        }
+        Ok((out, at))
     }
 
     /// Writes `key`; returns the revision of the write.

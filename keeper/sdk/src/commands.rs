@@ -27,14 +27,6 @@ pub struct Command {
     ack_key: String,
 }
 
-impl std::fmt::Debug for Keeper {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Keeper")
-            .field("instance", &self.instance())
-            .finish()
-    }
-}
-
 impl Command {
     /// Records the outcome; the command will not be delivered again.
     pub async fn ack(self, ok: bool, message: impl Into<String>) -> Result<()> {

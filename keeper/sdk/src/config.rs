@@ -345,7 +345,8 @@ where
         ];
         let read = match self.keeper.get_keys_at(&keys, revision).await {
             Err(Error::Status(s)) if s.code() == tonic::Code::OutOfRange && revision > 0 => {
-                // That revision was compacted away: the current state supersedes it.
+                // That revision was compacted away, or the node we asked has not applied it
+                // yet: the current state supersedes it either way.
                 self.keeper.get_keys_at(&keys, 0).await
             }
             other => other,

@@ -194,8 +194,16 @@ async fn run(
 async fn keep_alive(conn: &Conn, id: i64, ttl_s: i64, cancel: &CancellationToken) -> Ended {
     let every =
         Duration::from_millis((ttl_s.max(1) as u64) * 1000 / 3).max(Duration::from_millis(100));
-    let answer_within = conn.request_timeout;
-    let mut backoff = Backoff::default();
+    // A keep-alive not answered within a third of the TTL is retried on the next endpoint at
+    // once: waiting for the full request timeout could outlast the lease itself.
+    let answer_within = conn
+        .request_timeout
+        .min(every)
+        .max(Duration::from_millis(500));
+    let mut backoff = Backoff::new(
+        Duration::from_millis(50),
+        (every / 2).max(Duration::from_millis(100)),
+    );
     loop {
         let (channel, generation) = conn.channel();
         let (req_tx, req_rx) = mpsc::channel(1);

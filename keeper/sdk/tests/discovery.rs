@@ -109,17 +109,17 @@ async fn registration_of_a_killed_process_expires_after_its_ttl() -> anyhow::Res
 async fn registration_survives_leader_kill_and_comes_back_after_revoke() -> anyhow::Result<()> {
     let mut cluster = cluster().await?;
     let leader = cluster.leader().await?;
-    let owner = connect(endpoints_starting_with(&cluster, leader), "owner", 3).await?;
+    let owner = connect(endpoints_starting_with(&cluster, leader), "owner", 5).await?;
     let reg = owner.register("svc", instance("keep-me")).await?;
     let first_lease = reg.lease_id();
 
     cluster.kill9(leader);
     cluster.leader().await?;
-    let watcher = connect(cluster.endpoints(), "watcher", 3).await?;
+    let watcher = connect(cluster.endpoints(), "watcher", 5).await?;
     let discovery = watcher.discover("svc").await?;
     // Several TTLs after the kill, the registration is still there on the same lease:
     // keep-alives moved to a surviving node.
-    tokio::time::sleep(Duration::from_secs(3 * 3)).await;
+    tokio::time::sleep(Duration::from_secs(2 * 5)).await;
     assert_eq!(ids(&discovery), ["keep-me"]);
     let kv = watcher
         .get(&layout::instance_key("svc", "keep-me"))
