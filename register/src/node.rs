@@ -406,11 +406,15 @@ impl Node {
         let still = self.table.read().expect("table lock").verdict(epoch, slot);
         if !self.gate.is_open() || refusal(&still).is_some() {
             return LookupResponse {
-                result: Some(unavailable(current, GATE_CLOSED)),
+                result: Some(unavailable(
+                    current,
+                    "slot or lease changed during the lookup; retry",
+                )),
                 ..Default::default()
             };
         }
-        let rebuilding = rebuilding && still == (Verdict::Serve { rebuilding: true });
+        // A miss is judged by the state *before* the read: a room's Sync that completes between the
+        // first verdict and the read may make the slot ready while our read predates it.
         if sessions.is_empty() && rebuilding {
             // A miss in a rebuilding slot is not "offline": the room may not have synced yet.
             return LookupResponse {
@@ -422,7 +426,7 @@ impl Node {
         LookupResponse {
             result: Some(ok(current)),
             sessions,
-            rebuilding,
+            rebuilding: still == (Verdict::Serve { rebuilding: true }),
         }
     }
 

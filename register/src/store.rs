@@ -280,7 +280,9 @@ impl Store {
         }
     }
 
-    /// Records what the data is valid for; fsynced, since a wrong meta would serve stale slots.
+    /// Records what the data is valid for. Not fsynced: the WAL is one ordered log, so after a
+    /// crash the surviving writes are a prefix of what was written, and a meta record that
+    /// survived never describes session writes that did not.
     pub fn save_meta(&self, meta: &Meta) -> Result<()> {
         let mut batch = WriteBatch::default();
         batch.put_cf(
@@ -288,10 +290,7 @@ impl Store {
             META_KEY,
             serde_json::to_vec(meta).expect("meta serialises"),
         );
-        let mut opts = WriteOptions::default();
-        opts.set_sync(true);
-        self.db.write_opt(batch, &opts)?;
-        Ok(())
+        self.write(batch)
     }
 }
 

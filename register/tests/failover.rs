@@ -1,0 +1,594 @@
+//! Failover with a real keeper, three `register` processes and a test room (this process) holding
+//! 100k sessions and playing the room's part: it registers in discovery, attaches its sessions,
+//! follows the slot map and re-sends (`Sync`) every slot that changed owner, and runs digest rounds.
+//!
+//! Checks: after kill -9 of the register that leads the slot controller, every session is found by
+//! `Lookup` at its new owner within lease TTL + 2 s and no lookup ever answers "offline" for one of
+//! the (always connected) sessions; afterwards every slot's digest matches; a register stopped with
+//! SIGSTOP past its TTL refuses every write after SIGCONT until it has caught up with the map.
+
+use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use std::time::Instant;
+
+use futures::StreamExt;
+use keeper_sdk::Instance;
+use keeper_sdk::Keeper;
+use keeper_sdk::layout;
+use longlink_common::SLOTS;
+use longlink_common::SlotMap;
+use longlink_common::slot_of;
+use longlink_proto::registerpb::register_client::RegisterClient;
+use longlink_proto::registerpb::*;
+use nix::sys::signal::Signal;
+use register::digest::Digest;
+use testkit::KeeperCluster;
+use testkit::Process;
+use testkit::wait_until;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::transport::Endpoint;
+
+const TTL_S: u64 = 3;
+const SESSIONS: usize = 100_000;
+const ROOM: &str = "room-t";
+
+/// The test room: a fixed set of connected sessions, indexed by slot.
+struct Room {
+    keeper: Keeper,
+    sessions: Vec<Session>,
+    by_slot: Vec<Vec<usize>>,
+    clients: Mutex<HashMap<String, RegisterClient<Channel>>>,
+    syncs: AtomicU64,
+}
+
+impl Room {
+    fn new(keeper: Keeper) -> Self {
+        let sessions: Vec<Session> = (0..SESSIONS)
+            .map(|i| Session {
+                app: "demo".into(),
+                user: format!("user-{i}"),
+                device: "phone".into(),
+                room_id: ROOM.into(),
+                conn_id: i as u64 + 1,
+                ..Default::default()
+            })
+            .collect();
+        let mut by_slot = vec![Vec::new(); usize::from(SLOTS)];
+        for (i, s) in sessions.iter().enumerate() {
+            by_slot[usize::from(slot_of(&s.app, &s.user))].push(i);
+        }
+        Self {
+            keeper,
+            sessions,
+            by_slot,
+            clients: Mutex::new(HashMap::new()),
+            syncs: AtomicU64::new(0),
+        }
+    }
+
+    async fn map(&self) -> SlotMap {
+        loop {
+            match self.keeper.get(layout::REGISTER_SLOTS_KEY).await {
+                Ok(None) => return SlotMap::empty(),
+                Ok(Some(kv)) => {
+                    if let Ok(map) = kv.json::<SlotMap>() {
+                        return map;
+                    }
+                }
+                Err(_) => {}
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A client for register `id`, from its address in discovery.
+    async fn client(&self, id: &str) -> Option<RegisterClient<Channel>> {
+        if let Some(c) = self.clients.lock().unwrap().get(id) {
+            return Some(c.clone());
+        }
+        let kv = self
+            .keeper
+            .get(&layout::instance_key("register", id))
+            .await
+            .ok()??;
+        let info: keeper_sdk::InstanceInfo = kv.json().ok()?;
+        let addr = info.addrs.get("grpc")?.clone();
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .ok()?
+            .connect_timeout(Duration::from_millis(300))
+            .timeout(Duration::from_secs(3))
+            .connect_lazy();
+        let c = RegisterClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        self.clients
+            .lock()
+            .unwrap()
+            .insert(id.to_string(), c.clone());
+        Some(c)
+    }
+
+    fn slot_sessions(&self, slot: u16) -> Vec<Session> {
+        self.by_slot[usize::from(slot)]
+            .iter()
+            .map(|i| self.sessions[*i].clone())
+            .collect()
+    }
+
+    /// Sends every session of `slot` to its owner until it answers OK (re-reading the map on any
+    /// refusal). Returns false if `stop` fires first.
+    async fn sync_slot(&self, slot: u16, map: &SlotMap, stop: &CancellationToken) -> bool {
+        let mut map = map.clone();
+        let mut first = true;
+        while !stop.is_cancelled() {
+            if !first {
+                map = self.map().await;
+            }
+            first = false;
+            let Some(owner) = map.owner(slot).map(str::to_string) else {
+                return true;
+            };
+            if let Some(mut c) = self.client(&owner).await {
+                let req = SyncRequest {
+                    epoch: map.epoch,
+                    room_id: ROOM.into(),
+                    slot: u32::from(slot),
+                    sessions: self.slot_sessions(slot),
+                };
+                if let Ok(resp) = c.sync(req).await
+                    && resp.get_ref().result.as_ref().map(|r| r.status) == Some(Status::Ok as i32)
+                {
+                    self.syncs.fetch_add(1, Ordering::Relaxed);
+                    return true;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        false
+    }
+
+    /// Our digest of `slot`.
+    fn digest(&self, slot: u16) -> Digest {
+        let mut d = Digest::default();
+        for i in &self.by_slot[usize::from(slot)] {
+            let s = &self.sessions[*i];
+            d.add(&s.app, &s.user, s.conn_id);
+        }
+        d
+    }
+
+    /// One digest round over every slot; returns the slots whose owner reported a mismatch.
+    async fn digest_round(&self, map: &SlotMap) -> Vec<u16> {
+        let mut by_owner: BTreeMap<String, Vec<SlotDigest>> = BTreeMap::new();
+        for slot in 0..SLOTS {
+            if let Some(owner) = map.owner(slot) {
+                let d = self.digest(slot);
+                by_owner
+                    .entry(owner.to_string())
+                    .or_default()
+                    .push(SlotDigest {
+                        slot: u32::from(slot),
+                        digest: d.digest,
+                        count: d.count,
+                    });
+            }
+        }
+        let mut mismatched = Vec::new();
+        for (owner, slots) in by_owner {
+            let Some(mut c) = self.client(&owner).await else {
+                continue;
+            };
+            let req = DigestRequest {
+                epoch: map.epoch,
+                room_id: ROOM.into(),
+                slots,
+            };
+            if let Ok(resp) = c.digest(req).await {
+                for m in &resp.get_ref().mismatched {
+                    if m.result.as_ref().map(|r| r.status) == Some(Status::Ok as i32) {
+                        mismatched.push(m.slot as u16);
+                    }
+                }
+            }
+        }
+        mismatched
+    }
+
+    /// Attaches every session, retrying refused items at their current owner.
+    async fn attach_all(&self) {
+        let mut pending: Vec<usize> = (0..SESSIONS).collect();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !pending.is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "{} sessions never attached",
+                pending.len()
+            );
+            let map = self.map().await;
+            let mut by_owner: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+            for i in &pending {
+                let s = &self.sessions[*i];
+                if let Some(o) = map.owner_of(&s.app, &s.user) {
+                    by_owner.entry(o.to_string()).or_default().push(*i);
+                }
+            }
+            let mut still = Vec::new();
+            for (owner, items) in by_owner {
+                let Some(mut c) = self.client(&owner).await else {
+                    still.extend(items);
+                    continue;
+                };
+                for chunk in items.chunks(5_000) {
+                    let req = AttachRequest {
+                        epoch: map.epoch,
+                        sessions: chunk.iter().map(|i| self.sessions[*i].clone()).collect(),
+                    };
+                    match c.attach(req).await {
+                        Ok(resp) => {
+                            for (i, r) in chunk.iter().zip(&resp.get_ref().results) {
+                                if r.status != Status::Ok as i32 {
+                                    still.push(*i);
+                                }
+                            }
+                        }
+                        Err(_) => still.extend_from_slice(chunk),
+                    }
+                }
+            }
+            pending = still;
+            if !pending.is_empty() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    /// Looks up `pending` sessions' users at their owners; removes the found ones and returns how
+    /// many lookups answered "offline" (OK without this session).
+    async fn lookup_pass(&self, pending: &mut Vec<usize>) -> u64 {
+        let map = self.map().await;
+        let mut by_owner: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for i in pending.iter() {
+            let s = &self.sessions[*i];
+            if let Some(o) = map.owner_of(&s.app, &s.user) {
+                by_owner.entry(o.to_string()).or_default().push(*i);
+            }
+        }
+        let mut calls = Vec::new();
+        for (owner, items) in by_owner {
+            let Some(c) = self.client(&owner).await else {
+                continue;
+            };
+            for chunk in items.chunks(2_000) {
+                let mut c = c.clone();
+                let chunk = chunk.to_vec();
+                let users: Vec<User> = chunk
+                    .iter()
+                    .map(|i| User {
+                        app: "demo".into(),
+                        user: self.sessions[*i].user.clone(),
+                    })
+                    .collect();
+                let epoch = map.epoch;
+                calls.push(async move {
+                    let resp = c.lookup_batch(LookupBatchRequest { epoch, users }).await;
+                    (chunk, resp)
+                });
+            }
+        }
+        let results: Vec<_> = futures::stream::iter(calls)
+            .buffer_unordered(8)
+            .collect()
+            .await;
+        let mut found = std::collections::HashSet::new();
+        let mut offline = 0;
+        for (chunk, resp) in results {
+            let Ok(resp) = resp else { continue };
+            for (i, r) in chunk.iter().zip(&resp.get_ref().results) {
+                if r.result.as_ref().map(|r| r.status) != Some(Status::Ok as i32) {
+                    continue;
+                }
+                if r.sessions
+                    .iter()
+                    .any(|s| s.conn_id == self.sessions[*i].conn_id)
+                {
+                    found.insert(*i);
+                } else {
+                    offline += 1;
+                }
+            }
+        }
+        pending.retain(|i| !found.contains(i));
+        offline
+    }
+}
+
+/// The room's background loop: sync every slot whose owner changed, and a digest round per second.
+async fn room_loop(room: Arc<Room>, stop: CancellationToken) {
+    let mut synced = SlotMap::empty();
+    let mut watch = room
+        .keeper
+        .watch_prefix(layout::REGISTER_SLOTS_KEY, 0)
+        .await
+        .expect("watch slot map");
+    let mut digest_every = tokio::time::interval(Duration::from_secs(1));
+    while !stop.is_cancelled() {
+        let map = room.map().await;
+        if map.epoch != synced.epoch {
+            let moved: Vec<u16> = (0..SLOTS)
+                .filter(|s| map.owner(*s).is_some() && map.owner(*s) != synced.owner(*s))
+                .collect();
+            let results: Vec<bool> = futures::stream::iter(moved)
+                .map(|slot| {
+                    let (room, stop, map) = (room.clone(), stop.clone(), map.clone());
+                    async move { room.sync_slot(slot, &map, &stop).await }
+                })
+                .buffer_unordered(16)
+                .collect()
+                .await;
+            if results.iter().all(|ok| *ok) {
+                synced = map;
+            }
+            continue;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = watch.next() => {}
+            _ = digest_every.tick() => {
+                for slot in room.digest_round(&map).await {
+                    room.sync_slot(slot, &map, &stop).await;
+                }
+            }
+        }
+    }
+}
+
+fn start_register(dir: &std::path::Path, id: &str, endpoints: &[String]) -> Process {
+    let port = testkit::free_port();
+    let args: Vec<String> = [
+        "--id",
+        id,
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--data-dir",
+        &dir.join(id).display().to_string(),
+        "--keeper",
+        &endpoints.join(","),
+        "--lease-ttl-s",
+        &TTL_S.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    Process::start(
+        id,
+        &testkit::bin("register"),
+        &args,
+        &dir.join(format!("{id}.log")),
+        &[],
+    )
+    .expect("start register")
+}
+
+fn counts(map: &SlotMap) -> BTreeMap<String, usize> {
+    let mut c = BTreeMap::new();
+    for o in &map.slots {
+        *c.entry(o.clone()).or_default() += 1;
+    }
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill9_failover_and_stale_owner() -> anyhow::Result<()> {
+    let cluster = KeeperCluster::start(&testkit::bin("keeper"), 1, "").await?;
+    let endpoints = cluster.endpoints();
+    let keeper = Keeper::connect(&endpoints).await?;
+    let _registration = keeper
+        .register(
+            "room",
+            Instance {
+                id: ROOM.into(),
+                addrs: BTreeMap::from([("grpc".into(), "127.0.0.1:1".into())]),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let room = Arc::new(Room::new(keeper.clone()));
+    let stop = CancellationToken::new();
+    let _stop_guard = stop.clone().drop_guard();
+    tokio::spawn(room_loop(room.clone(), stop.clone()));
+
+    let dir = tempfile::tempdir()?;
+    let mut procs: BTreeMap<String, Process> = ["r1", "r2", "r3"]
+        .iter()
+        .map(|id| (id.to_string(), start_register(dir.path(), id, &endpoints)))
+        .collect();
+
+    wait_until(
+        "slots balanced over r1, r2, r3",
+        Duration::from_secs(40),
+        || {
+            let room = room.clone();
+            async move {
+                let c = counts(&room.map().await);
+                let ok = ["r1", "r2", "r3"]
+                    .iter()
+                    .all(|id| (341..=342).contains(c.get(*id).unwrap_or(&0)));
+                ok.then_some(())
+            }
+        },
+    )
+    .await?;
+    room.attach_all().await;
+    let mut pending: Vec<usize> = (0..SESSIONS).collect();
+    let offline_before = room.lookup_pass(&mut pending).await;
+    assert_eq!(
+        offline_before, 0,
+        "lookups answered offline before any fault"
+    );
+    assert!(
+        pending.is_empty(),
+        "{} sessions not found before the fault",
+        pending.len()
+    );
+
+    // Kill the register that leads the slot controller: both the controller and a third of the
+    // slots must fail over.
+    let leader = keeper
+        .leader(register::controller::ELECTION)
+        .await?
+        .expect("a slot controller leads");
+    let before = room.map().await;
+    let moved_slots = counts(&before)[&leader];
+    procs.get_mut(&leader).unwrap().kill9();
+    let killed_at = Instant::now();
+
+    let mut pending: Vec<usize> = (0..SESSIONS).collect();
+    let mut offline = 0;
+    let mut passes = 0;
+    let mut map_moved_after = None;
+    while !pending.is_empty() && killed_at.elapsed() < Duration::from_secs(30) {
+        if map_moved_after.is_none() && room.map().await.epoch > before.epoch {
+            map_moved_after = Some(killed_at.elapsed());
+        }
+        offline += room.lookup_pass(&mut pending).await;
+        passes += 1;
+        if !pending.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let recovered = killed_at.elapsed();
+    let after = room.map().await;
+    assert!(
+        pending.is_empty(),
+        "{} sessions still not found {recovered:?} after kill -9 of {leader}",
+        pending.len()
+    );
+    assert_eq!(
+        offline, 0,
+        "lookups answered offline for connected sessions during failover"
+    );
+    assert!(after.owner(0).is_some() && !after.slots.contains(&leader));
+    assert!(
+        recovered <= Duration::from_secs(TTL_S + 2),
+        "failover of {moved_slots} slots took {recovered:?} (> TTL {TTL_S}s + 2s); map moved after {map_moved_after:?}; {passes} lookup passes"
+    );
+    eprintln!(
+        "failover: {moved_slots} slots, map moved after {map_moved_after:?}, every session found after {recovered:?} ({passes} passes)"
+    );
+
+    // Anti-entropy agrees: every owner holds exactly the room's sessions.
+    let map = room.map().await;
+    assert!(
+        room.digest_round(&map).await.is_empty(),
+        "digests mismatch after failover"
+    );
+
+    // Stale owner: stop one survivor past its TTL, let its slots move, resume it, and write to
+    // it with the epoch it last knew.
+    let stale = after
+        .slots
+        .iter()
+        .find(|o| !o.is_empty())
+        .cloned()
+        .expect("an owner");
+    let stale_epoch = after.epoch;
+    let stale_slot = (0..SLOTS)
+        .find(|s| {
+            after.owner(*s) == Some(stale.as_str()) && !room.by_slot[usize::from(*s)].is_empty()
+        })
+        .expect("a populated slot of the stale owner");
+    let mut stale_client = room.client(&stale).await.expect("stale owner's client");
+    let p = procs.get_mut(&stale).unwrap();
+    p.signal(Signal::SIGSTOP)?;
+    let moved = wait_until(
+        "the stopped register's slots to move",
+        Duration::from_secs(20),
+        || {
+            let room = room.clone();
+            let stale = stale.clone();
+            async move {
+                let m = room.map().await;
+                (!m.slots.contains(&stale)).then_some(m.epoch)
+            }
+        },
+    )
+    .await;
+    let moved_epoch = match moved {
+        Ok(e) => e,
+        Err(e) => {
+            let _ = procs[&stale].signal(Signal::SIGCONT);
+            return Err(e);
+        }
+    };
+    procs[&stale].signal(Signal::SIGCONT)?;
+
+    let i = room.by_slot[usize::from(stale_slot)][0];
+    let s = room.sessions[i].clone();
+    let mut refused = 0;
+    let mut writes = 0;
+    let resumed = Instant::now();
+    while resumed.elapsed() < Duration::from_millis(1_500) {
+        let mut fresh = s.clone();
+        fresh.conn_id = 10_000_000 + writes;
+        let mut results = Vec::new();
+        if let Ok(r) = stale_client
+            .attach(AttachRequest {
+                epoch: stale_epoch,
+                sessions: vec![fresh],
+            })
+            .await
+        {
+            results.extend(r.into_inner().results);
+        }
+        if let Ok(r) = stale_client
+            .detach(DetachRequest {
+                epoch: stale_epoch,
+                sessions: vec![SessionKey {
+                    app: s.app.clone(),
+                    user: s.user.clone(),
+                    room_id: ROOM.into(),
+                    conn_id: s.conn_id,
+                }],
+            })
+            .await
+        {
+            results.extend(r.into_inner().results);
+        }
+        if let Ok(r) = stale_client
+            .sync(SyncRequest {
+                epoch: stale_epoch,
+                room_id: ROOM.into(),
+                slot: u32::from(stale_slot),
+                sessions: vec![],
+            })
+            .await
+        {
+            results.extend(r.into_inner().result);
+        }
+        for r in results {
+            writes += 1;
+            if r.status == Status::Ok as i32 {
+                // Only a register that caught up (and was given the slot back) may accept.
+                assert!(
+                    r.epoch > moved_epoch,
+                    "stale owner {stale} accepted a write at epoch {} (its slots moved at {moved_epoch})",
+                    r.epoch
+                );
+            } else {
+                refused += 1;
+            }
+        }
+    }
+    assert!(
+        writes > 0 && refused > 0,
+        "no write reached the resumed register"
+    );
+    eprintln!("stale owner: {refused} of {writes} writes refused after SIGCONT");
+    Ok(())
+}
