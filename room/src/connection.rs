@@ -1,0 +1,226 @@
+//! One device connection from accept to close: handshake (first frame `auth` within the
+//! handshake timeout), registration, `welcome`, then one task that reads frames, writes the
+//! outbound queue, answers pings and closes idle connections (3 missed heartbeats).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use longlink_client::Frame;
+use longlink_proto::clientpb;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::admission::Permit;
+use crate::auth;
+use crate::error::code;
+use crate::hub::Conn;
+use crate::hub::Hub;
+use crate::hub::Stats;
+use crate::outbox::Closing;
+use crate::outbox::Next;
+use crate::wire::LINGER;
+use crate::wire::ReadError;
+use crate::wire::Wire;
+
+/// Sends an error frame (best effort, bounded in time) and closes.
+pub async fn refuse<W: Wire>(mut wire: W, code: &str, message: &str) {
+    tracing::debug!(code, message, "closing connection with error");
+    let frame = Frame::error(code, message).encode();
+    let _ = tokio::time::timeout(LINGER, wire.write_frame(&frame)).await;
+    wire.close().await;
+}
+
+/// Runs one accepted connection to its end. `permit` is held until then.
+pub async fn serve<W: Wire>(
+    hub: Arc<Hub>,
+    mut wire: W,
+    ip: IpAddr,
+    permit: Permit,
+    shutdown: CancellationToken,
+) {
+    let _permit = permit;
+    let limits = hub.limits();
+    let mut frames = Vec::new();
+    let read = tokio::select! {
+        r = tokio::time::timeout(
+            limits.handshake_timeout(),
+            wire.read_frames(|| hub.limits().max_frame_bytes, &mut frames),
+        ) => r,
+        _ = shutdown.cancelled() => return refuse(wire, code::SHUTTING_DOWN, "room is shutting down").await,
+    };
+    match read {
+        Err(_) => {
+            let msg = format!(
+                "no auth frame within handshake_timeout_ms = {}",
+                limits.handshake_timeout_ms
+            );
+            return refuse(wire, code::HANDSHAKE_TIMEOUT, &msg).await;
+        }
+        Ok(Err(ReadError::Frame(e))) => return refuse(wire, e.code(), &e.to_string()).await,
+        Ok(Err(_)) => return,
+        Ok(Ok(_)) => {}
+    }
+    if frames.is_empty() {
+        // Part of a frame arrived; the rest must follow within the same timeout.
+        let rest = tokio::time::timeout(limits.handshake_timeout(), async {
+            while frames.is_empty() {
+                wire.read_frames(|| hub.limits().max_frame_bytes, &mut frames)
+                    .await?;
+            }
+            Ok::<_, ReadError>(())
+        })
+        .await;
+        match rest {
+            Err(_) => {
+                let msg = format!(
+                    "no auth frame within handshake_timeout_ms = {}",
+                    limits.handshake_timeout_ms
+                );
+                return refuse(wire, code::HANDSHAKE_TIMEOUT, &msg).await;
+            }
+            Ok(Err(ReadError::Frame(e))) => return refuse(wire, e.code(), &e.to_string()).await,
+            Ok(Err(_)) => return,
+            Ok(Ok(())) => {}
+        }
+    }
+    let mut rest = frames.into_iter();
+    let token = match rest.next() {
+        Some(Frame::Auth(a)) => a.token,
+        Some(other) => {
+            Stats::add(&hub.stats.auth_failures, 1);
+            let msg = format!("the first frame must be auth, got {:?}", other.kind());
+            return refuse(wire, code::AUTH_REQUIRED, &msg).await;
+        }
+        None => return,
+    };
+    let identity = match auth::verify(&token, &hub.apps()) {
+        Ok(id) => id,
+        Err(e) => {
+            Stats::add(&hub.stats.auth_failures, 1);
+            metrics::counter!("room_auth_failures_total", "code" => e.code).increment(1);
+            return refuse(wire, e.code, &e.message).await;
+        }
+    };
+    let conn = hub.new_conn(identity, ip, W::WEBSOCKET);
+    if let Err(e) = hub.attach(&conn).await {
+        let msg = format!("cannot register the session: {e}");
+        return refuse(wire, code::UNAVAILABLE, &msg).await;
+    }
+    let resumed = hub.take_resume(&conn);
+    let welcome = Frame::Welcome(clientpb::Welcome {
+        conn_id: conn.id,
+        heartbeat_s: hub.limits().heartbeat_s,
+        room_id: hub.room_id.clone(),
+        resumed: resumed as u32,
+    });
+    hub.send(&conn, &welcome);
+    hub.insert(&conn);
+    hub.redeliver(&conn);
+    metrics::gauge!("room_connections").increment(1.0);
+    tracing::debug!(conn = conn.id, app = %conn.app, user = %conn.user, "authenticated");
+
+    let leftover: Vec<Frame> = rest.collect();
+    let end = if let Err(end) = handle_frames(&hub, &conn, leftover) {
+        end
+    } else {
+        run(&hub, &conn, &mut wire, &shutdown).await
+    };
+    hub.remove(&conn);
+    metrics::gauge!("room_connections").decrement(1.0);
+    match end {
+        End::Error(code, message) => refuse(wire, code, &message).await,
+        End::Final(frame) => {
+            let _ = tokio::time::timeout(LINGER, wire.write_frame(&frame)).await;
+            wire.close().await;
+        }
+        End::Quiet => wire.close().await,
+        End::Gone => {}
+    }
+}
+
+/// How the main loop ended.
+enum End {
+    /// Send this error and close.
+    Error(&'static str, String),
+    /// Send this encoded frame (kick) and close.
+    Final(bytes::Bytes),
+    /// Close without a frame (slow consumer: the socket does not drain anyway).
+    Quiet,
+    /// The socket is gone.
+    Gone,
+}
+
+fn handle_frames(hub: &Hub, conn: &Conn, frames: Vec<Frame>) -> Result<(), End> {
+    for f in frames {
+        match f {
+            Frame::Ping => {
+                hub.send(conn, &Frame::Pong);
+            }
+            Frame::Ack(a) => hub.ack(conn, &a.ids),
+            Frame::Uplink(u) => hub.uplink(conn, u.payload),
+            other => {
+                return Err(End::Error(
+                    code::BAD_FRAME,
+                    format!("a client may not send {:?} after auth", other.kind()),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn run<W: Wire>(hub: &Hub, conn: &Conn, wire: &mut W, shutdown: &CancellationToken) -> End {
+    let mut last_heard = Instant::now();
+    let mut frames = Vec::new();
+    'outer: loop {
+        // Write everything queued; a close (kick, slow consumer) interrupts a blocked write.
+        loop {
+            match conn.outbox.pop() {
+                Next::Frame(f) => {
+                    let written = tokio::select! {
+                        r = wire.write_frame(&f) => r,
+                        // The next pop returns the close.
+                        _ = conn.outbox.closing() => continue 'outer,
+                    };
+                    if written.is_err() {
+                        return End::Gone;
+                    }
+                    Stats::add(&hub.stats.bytes_out, f.len() as u64);
+                    Stats::add(&hub.stats.messages_out, 1);
+                }
+                Next::Empty => break,
+                Next::Close(Closing::SlowConsumer) => return End::Quiet,
+                Next::Close(Closing::Final(f)) => return End::Final(f),
+            }
+        }
+        let limits = hub.limits();
+        let idle_at = last_heard + limits.idle_timeout();
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                return End::Error(code::SHUTTING_DOWN, "room is shutting down".into());
+            }
+            _ = conn.outbox.wait() => {}
+            r = wire.read_frames(|| hub.limits().max_frame_bytes, &mut frames) => match r {
+                Ok(n) => {
+                    Stats::add(&hub.stats.bytes_in, n as u64);
+                    if !frames.is_empty() {
+                        last_heard = Instant::now();
+                        if let Err(end) = handle_frames(hub, conn, std::mem::take(&mut frames)) {
+                            return end;
+                        }
+                    }
+                }
+                Err(ReadError::Frame(e)) => return End::Error(e.code(), e.to_string()),
+                Err(ReadError::Closed) | Err(ReadError::Io(_)) => return End::Gone,
+            },
+            _ = tokio::time::sleep_until(idle_at) => {
+                let secs = limits.idle_timeout().as_secs();
+                return End::Error(
+                    code::IDLE_TIMEOUT,
+                    format!("no frame for {secs} s (3 heartbeats of heartbeat_s = {})", limits.heartbeat_s),
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,692 @@
+//! The room's live state: every authenticated connection, indexed by id, by (app, user), by app
+//! (for broadcast) and by register slot (for Sync and Digest); QoS 1 messages pending an ack and
+//! the sessions waiting to be resumed; the counters behind `Stats`. Locks here are std locks,
+//! held for map operations only and never across an `.await`.
+
+use std::collections::HashMap;
+use std::collections::HashSet;
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::RwLock;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use longlink_client::Frame;
+use longlink_common::AppsConfig;
+use longlink_common::slot_of;
+use longlink_proto::clientpb;
+use tokio::sync::mpsc;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::auth::Identity;
+use crate::config::RoomLimits;
+use crate::outbox::Closing;
+use crate::outbox::Outbox;
+use crate::outbox::PushError;
+
+/// A session as the register stores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub app: String,
+    pub user: String,
+    pub device: String,
+    pub conn_id: u64,
+    pub connected_at_ms: i64,
+    pub client_ip: String,
+    pub platform: String,
+}
+
+/// Where sessions are registered (the register cluster); absent in keeper-less tests.
+pub trait Sessions: Send + Sync {
+    /// Registers a new session; an error refuses the connection with `unavailable`.
+    fn attach(&self, session: SessionInfo) -> BoxFuture<'static, Result<(), String>>;
+    /// Forgets a closed session (batched, retried in the background).
+    fn detach(&self, session: SessionInfo);
+}
+
+/// One uplink frame, handed to the coordinator hook (center wires it to the app's webhook).
+#[derive(Debug, Clone)]
+pub struct UplinkEvent {
+    pub app: String,
+    pub user: String,
+    pub device: String,
+    pub conn_id: u64,
+    pub payload: Vec<u8>,
+    pub ts_ms: i64,
+}
+
+/// A QoS 1 message sent or queued but not acked.
+#[derive(Debug, Clone)]
+struct Pending {
+    id: String,
+    /// The encoded `message` frame, resent as is.
+    frame: Bytes,
+}
+
+/// One authenticated connection.
+pub struct Conn {
+    pub id: u64,
+    pub app: Arc<str>,
+    pub user: Arc<str>,
+    /// Empty when the token had no `dev` claim.
+    pub device: Arc<str>,
+    pub slot: u16,
+    pub ip: IpAddr,
+    pub connected_at_ms: i64,
+    /// WebSocket (true) or TCP: a kick's reconnect list must name the same transport.
+    pub ws: bool,
+    pub outbox: Outbox,
+    /// Oldest first; capped by `max_pending_qos1` (the oldest is dropped and counted beyond it).
+    pending: Mutex<VecDeque<Pending>>,
+}
+
+impl Conn {
+    pub fn session(&self) -> SessionInfo {
+        SessionInfo {
+            app: self.app.to_string(),
+            user: self.user.to_string(),
+            device: self.device.to_string(),
+            conn_id: self.id,
+            connected_at_ms: self.connected_at_ms,
+            client_ip: self.ip.to_string(),
+            platform: String::new(),
+        }
+    }
+}
+
+/// Counters reported by `Stats` and exported as metrics.
+#[derive(Default)]
+pub struct Stats {
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub messages_out: AtomicU64,
+    pub acks: AtomicU64,
+    pub uplinks: AtomicU64,
+    pub uplink_drops: AtomicU64,
+    pub auth_failures: AtomicU64,
+    pub slow_consumers: AtomicU64,
+    pub queue_drops: AtomicU64,
+    pub pending_drops: AtomicU64,
+    pub rejected: AtomicU64,
+}
+
+impl Stats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Default)]
+struct Registry {
+    conns: HashMap<u64, Arc<Conn>>,
+    by_user: HashMap<(Arc<str>, Arc<str>), Vec<u64>>,
+    by_app: HashMap<Arc<str>, HashSet<u64>>,
+    by_slot: HashMap<u16, HashSet<u64>>,
+}
+
+type ResumeKey = (String, String, String);
+
+struct Resumable {
+    expires: Instant,
+    pending: VecDeque<Pending>,
+}
+
+/// Result of queueing one message to one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    Queued,
+    /// The queue was full: the connection is being closed as a slow consumer.
+    Dropped,
+    /// The connection is already closing.
+    Closed,
+}
+
+pub struct Hub {
+    pub room_id: String,
+    next_conn: AtomicU64,
+    reg: RwLock<Registry>,
+    resume: Mutex<HashMap<ResumeKey, Resumable>>,
+    pub stats: Stats,
+    limits: watch::Receiver<Arc<RoomLimits>>,
+    apps: watch::Receiver<Arc<AppsConfig>>,
+    /// Bounded; a full queue drops the uplink and counts it in `uplink_drops`.
+    uplinks: Option<mpsc::Sender<UplinkEvent>>,
+    sessions: RwLock<Option<Arc<dyn Sessions>>>,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Hub {
+    pub fn new(
+        room_id: String,
+        limits: watch::Receiver<Arc<RoomLimits>>,
+        apps: watch::Receiver<Arc<AppsConfig>>,
+        uplinks: Option<mpsc::Sender<UplinkEvent>>,
+    ) -> Arc<Hub> {
+        // Ids start at the boot time in ms << 20, so a restarted room with the same id never
+        // reuses a connection id a register may still hold for its previous life.
+        let first = (now_ms().max(0) as u64) << 20;
+        Arc::new(Hub {
+            room_id,
+            next_conn: AtomicU64::new(first),
+            reg: RwLock::new(Registry::default()),
+            resume: Mutex::new(HashMap::new()),
+            stats: Stats::default(),
+            limits,
+            apps,
+            uplinks,
+            sessions: RwLock::new(None),
+        })
+    }
+
+    /// The limits in force now.
+    pub fn limits(&self) -> Arc<RoomLimits> {
+        self.limits.borrow().clone()
+    }
+
+    pub fn apps(&self) -> Arc<AppsConfig> {
+        self.apps.borrow().clone()
+    }
+
+    pub fn set_sessions(&self, sessions: Arc<dyn Sessions>) {
+        *self.sessions.write().unwrap_or_else(|e| e.into_inner()) = Some(sessions);
+    }
+
+    fn sessions(&self) -> Option<Arc<dyn Sessions>> {
+        self.sessions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// A new connection object for a verified identity (not yet visible to pushes).
+    pub fn new_conn(&self, id: Identity, ip: IpAddr, ws: bool) -> Arc<Conn> {
+        Arc::new(Conn {
+            id: self.next_conn.fetch_add(1, Ordering::Relaxed),
+            slot: slot_of(&id.app, &id.user),
+            app: id.app.into(),
+            user: id.user.into(),
+            device: id.device.into(),
+            ip,
+            connected_at_ms: now_ms(),
+            ws,
+            outbox: Outbox::default(),
+            pending: Mutex::new(VecDeque::new()),
+        })
+    }
+
+    /// Registers the session with the register (if wired).
+    pub async fn attach(&self, conn: &Conn) -> Result<(), String> {
+        match self.sessions() {
+            Some(s) => s.attach(conn.session()).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Makes `conn` reachable by pushes, after its welcome is queued. Returns the unacked QoS 1
+    /// messages of a resumed session, which the caller queues next.
+    pub fn insert(&self, conn: &Arc<Conn>) {
+        let mut reg = self.reg.write().unwrap_or_else(|e| e.into_inner());
+        reg.conns.insert(conn.id, conn.clone());
+        reg.by_user
+            .entry((conn.app.clone(), conn.user.clone()))
+            .or_default()
+            .push(conn.id);
+        reg.by_app
+            .entry(conn.app.clone())
+            .or_default()
+            .insert(conn.id);
+        reg.by_slot.entry(conn.slot).or_default().insert(conn.id);
+    }
+
+    /// Takes the resumable pending messages of (app, user, device), if within the window.
+    pub fn take_resume(&self, conn: &Conn) -> usize {
+        let key = (
+            conn.app.to_string(),
+            conn.user.to_string(),
+            conn.device.to_string(),
+        );
+        let taken = self
+            .resume
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
+        let Some(r) = taken.filter(|r| r.expires > Instant::now()) else {
+            return 0;
+        };
+        let n = r.pending.len();
+        *conn.pending.lock().unwrap_or_else(|e| e.into_inner()) = r.pending;
+        n
+    }
+
+    /// Queues the resumed messages (after the welcome).
+    pub fn redeliver(&self, conn: &Conn) {
+        let frames: Vec<Bytes> = conn
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|p| p.frame.clone())
+            .collect();
+        let limits = self.limits();
+        for f in frames {
+            if self.queue(conn, f, &limits) != Delivery::Queued {
+                break;
+            }
+        }
+    }
+
+    /// Removes a closed connection; its unacked QoS 1 messages wait for a resume; the register
+    /// is told.
+    pub fn remove(&self, conn: &Arc<Conn>) {
+        let mut reg = self.reg.write().unwrap_or_else(|e| e.into_inner());
+        if reg.conns.remove(&conn.id).is_none() {
+            return;
+        }
+        let key = (conn.app.clone(), conn.user.clone());
+        if let Some(ids) = reg.by_user.get_mut(&key) {
+            ids.retain(|i| *i != conn.id);
+            if ids.is_empty() {
+                reg.by_user.remove(&key);
+            }
+        }
+        if let Some(set) = reg.by_app.get_mut(&conn.app) {
+            set.remove(&conn.id);
+            if set.is_empty() {
+                reg.by_app.remove(&conn.app);
+            }
+        }
+        if let Some(set) = reg.by_slot.get_mut(&conn.slot) {
+            set.remove(&conn.id);
+            if set.is_empty() {
+                reg.by_slot.remove(&conn.slot);
+            }
+        }
+        drop(reg);
+        let pending = std::mem::take(&mut *conn.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        let window = self.limits().resume_window();
+        if !pending.is_empty() && !window.is_zero() {
+            let key = (
+                conn.app.to_string(),
+                conn.user.to_string(),
+                conn.device.to_string(),
+            );
+            self.resume
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(
+                    key,
+                    Resumable {
+                        expires: Instant::now() + window,
+                        pending,
+                    },
+                );
+        }
+        if let Some(s) = self.sessions() {
+            s.detach(conn.session());
+        }
+    }
+
+    /// Drops resumable sessions whose window has passed; returns how many.
+    pub fn expire_resumes(&self) -> usize {
+        let now = Instant::now();
+        let mut r = self.resume.lock().unwrap_or_else(|e| e.into_inner());
+        let before = r.len();
+        r.retain(|_, v| v.expires > now);
+        before - r.len()
+    }
+
+    /// Queues an encoded frame to one connection under the live caps.
+    fn queue(&self, conn: &Conn, frame: Bytes, limits: &RoomLimits) -> Delivery {
+        match conn.outbox.push(
+            frame,
+            limits.outbound_max_messages,
+            limits.outbound_max_bytes,
+        ) {
+            Ok(()) => Delivery::Queued,
+            Err(PushError::Full) => {
+                Stats::add(&self.stats.queue_drops, 1);
+                Stats::add(&self.stats.slow_consumers, 1);
+                metrics::counter!("room_slow_consumers_total").increment(1);
+                tracing::info!(conn = conn.id, app = %conn.app, "slow consumer disconnected");
+                Delivery::Dropped
+            }
+            Err(PushError::Closed) => Delivery::Closed,
+        }
+    }
+
+    /// Queues a control frame (pong) to a connection.
+    pub fn send(&self, conn: &Conn, frame: &Frame) -> Delivery {
+        self.queue(conn, frame.encode(), &self.limits())
+    }
+
+    /// Queues a message frame; QoS 1 messages are remembered until acked.
+    fn deliver(
+        &self,
+        conn: &Conn,
+        id: &str,
+        qos: u32,
+        frame: Bytes,
+        limits: &RoomLimits,
+    ) -> Delivery {
+        if qos >= 1 {
+            let mut p = conn.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if p.len() >= limits.max_pending_qos1.max(1) {
+                p.pop_front();
+                Stats::add(&self.stats.pending_drops, 1);
+            }
+            p.push_back(Pending {
+                id: id.to_string(),
+                frame: frame.clone(),
+            });
+        }
+        self.queue(conn, frame, limits)
+    }
+
+    /// Removes acked ids from the connection's pending set.
+    pub fn ack(&self, conn: &Conn, ids: &[String]) {
+        Stats::add(&self.stats.acks, ids.len() as u64);
+        let mut p = conn.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.retain(|m| !ids.contains(&m.id));
+        if p.is_empty() && p.capacity() > 0 {
+            *p = VecDeque::new();
+        }
+    }
+
+    /// Hands an uplink to the coordinator hook; a full queue drops it (counted).
+    pub fn uplink(&self, conn: &Conn, payload: Vec<u8>) {
+        Stats::add(&self.stats.uplinks, 1);
+        let ev = UplinkEvent {
+            app: conn.app.to_string(),
+            user: conn.user.to_string(),
+            device: conn.device.to_string(),
+            conn_id: conn.id,
+            payload,
+            ts_ms: now_ms(),
+        };
+        let sent = self
+            .uplinks
+            .as_ref()
+            .is_some_and(|tx| tx.try_send(ev).is_ok());
+        if !sent {
+            Stats::add(&self.stats.uplink_drops, 1);
+        }
+    }
+
+    fn conns_of_user(&self, app: &str, user: &str) -> Vec<Arc<Conn>> {
+        let reg = self.reg.read().unwrap_or_else(|e| e.into_inner());
+        let key: (Arc<str>, Arc<str>) = (app.into(), user.into());
+        reg.by_user
+            .get(&key)
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|i| reg.conns.get(i).cloned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The connections addressed by (conn_id or app+user). A conn id whose app/user does not
+    /// match the given ones is not a target (a message never reaches another user).
+    pub fn targets(&self, conn_id: u64, app: &str, user: &str) -> Vec<Arc<Conn>> {
+        if conn_id != 0 {
+            let reg = self.reg.read().unwrap_or_else(|e| e.into_inner());
+            return reg
+                .conns
+                .get(&conn_id)
+                .filter(|c| {
+                    (app.is_empty() || *c.app == *app) && (user.is_empty() || *c.user == *user)
+                })
+                .cloned()
+                .into_iter()
+                .collect();
+        }
+        if app.is_empty() || user.is_empty() {
+            return Vec::new();
+        }
+        self.conns_of_user(app, user)
+    }
+
+    /// Encodes a message frame once for `app`.
+    pub fn message_frame(app: &str, id: &str, qos: u32, payload: Vec<u8>, ts: i64) -> Bytes {
+        Frame::Message(clientpb::Message {
+            id: id.to_string(),
+            app: app.to_string(),
+            qos,
+            payload,
+            ts: if ts == 0 { now_ms() } else { ts },
+        })
+        .encode()
+    }
+
+    /// Delivers one encoded message to `conns`; returns (queued, dropped).
+    pub fn deliver_to(&self, conns: &[Arc<Conn>], id: &str, qos: u32, frame: &Bytes) -> (u32, u32) {
+        let limits = self.limits();
+        let (mut queued, mut dropped) = (0, 0);
+        for c in conns {
+            match self.deliver(c, id, qos, frame.clone(), &limits) {
+                Delivery::Queued => queued += 1,
+                Delivery::Dropped => dropped += 1,
+                Delivery::Closed => {}
+            }
+        }
+        (queued, dropped)
+    }
+
+    /// Every connection of `app`.
+    pub fn conns_of_app(&self, app: &str) -> Vec<Arc<Conn>> {
+        let reg = self.reg.read().unwrap_or_else(|e| e.into_inner());
+        reg.by_app
+            .get(app)
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|i| reg.conns.get(i).cloned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Every connection.
+    pub fn all_conns(&self) -> Vec<Arc<Conn>> {
+        let reg = self.reg.read().unwrap_or_else(|e| e.into_inner());
+        reg.conns.values().cloned().collect()
+    }
+
+    /// Closes a connection with a kick frame. Returns whether it was open.
+    pub fn kick(&self, conn: &Conn, reason: &str, reconnect: &[String]) -> bool {
+        let frame = Frame::Kick(clientpb::Kick {
+            reason: reason.to_string(),
+            reconnect: reconnect.to_vec(),
+        })
+        .encode();
+        conn.outbox.close(Closing::Final(frame))
+    }
+
+    /// Closes a connection with an error frame.
+    pub fn close_with_error(&self, conn: &Conn, code: &str, message: &str) -> bool {
+        conn.outbox
+            .close(Closing::Final(Frame::error(code, message).encode()))
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.reg
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .conns
+            .len()
+    }
+
+    pub fn per_app(&self) -> HashMap<String, u64> {
+        let reg = self.reg.read().unwrap_or_else(|e| e.into_inner());
+        reg.by_app
+            .iter()
+            .map(|(a, s)| (a.to_string(), s.len() as u64))
+            .collect()
+    }
+
+    /// QoS 1 messages waiting for an ack, live and resumable.
+    pub fn pending_count(&self) -> u64 {
+        let live: usize = self
+            .all_conns()
+            .iter()
+            .map(|c| c.pending.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .sum();
+        let parked: usize = self
+            .resume
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|r| r.pending.len())
+            .sum();
+        (live + parked) as u64
+    }
+
+    /// The sessions of one slot (for the register's Sync).
+    pub fn slot_sessions(&self, slot: u16) -> Vec<SessionInfo> {
+        let reg = self.reg.read().unwrap_or_else(|e| e.into_inner());
+        reg.by_slot
+            .get(&slot)
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|i| reg.conns.get(i))
+                    .map(|c| c.session())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Slots that have sessions here, with their session count.
+    pub fn slot_counts(&self) -> Vec<(u16, usize)> {
+        let reg = self.reg.read().unwrap_or_else(|e| e.into_inner());
+        reg.by_slot.iter().map(|(s, ids)| (*s, ids.len())).collect()
+    }
+}
+
+/// Periodically forgets resumable sessions past their window.
+pub async fn resume_sweeper(hub: Arc<Hub>, shutdown: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => { hub.expire_resumes(); }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::Next;
+
+    fn hub(limits: RoomLimits) -> Arc<Hub> {
+        let (_lt, lr) = watch::channel(Arc::new(limits));
+        let (_at, ar) = watch::channel(Arc::new(AppsConfig::default()));
+        Hub::new("r1".into(), lr, ar, None)
+    }
+
+    fn ident(app: &str, user: &str, dev: &str) -> Identity {
+        Identity {
+            app: app.into(),
+            user: user.into(),
+            device: dev.into(),
+        }
+    }
+
+    fn drain(c: &Conn) -> Vec<Frame> {
+        let mut out = vec![];
+        while let Next::Frame(b) = c.outbox.pop() {
+            out.push(longlink_client::frame::decode_encoded(&b).unwrap());
+        }
+        out
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn qos1_is_resumed_within_the_window_and_qos0_is_not() {
+        let h = hub(RoomLimits::default());
+        let c1 = h.new_conn(ident("a", "u", "d"), "127.0.0.1".parse().unwrap(), false);
+        h.insert(&c1);
+        let targets = h.targets(0, "a", "u");
+        assert_eq!(targets.len(), 1);
+        let f1 = Hub::message_frame("a", "m1", 1, b"1".to_vec(), 1);
+        let f2 = Hub::message_frame("a", "m2", 1, b"2".to_vec(), 1);
+        let f0 = Hub::message_frame("a", "m0", 0, b"0".to_vec(), 1);
+        h.deliver_to(&targets, "m1", 1, &f1);
+        h.deliver_to(&targets, "m0", 0, &f0);
+        h.deliver_to(&targets, "m2", 1, &f2);
+        assert_eq!(drain(&c1).len(), 3);
+        h.ack(&c1, &["m1".to_string()]);
+        h.remove(&c1);
+        assert_eq!(h.pending_count(), 1);
+
+        // Same app/user/device within the window: m2 only.
+        let c2 = h.new_conn(ident("a", "u", "d"), "127.0.0.1".parse().unwrap(), false);
+        assert_eq!(h.take_resume(&c2), 1);
+        h.insert(&c2);
+        h.redeliver(&c2);
+        let got = drain(&c2);
+        assert!(
+            matches!(&got[..], [Frame::Message(m)] if m.id == "m2"),
+            "{got:?}"
+        );
+        h.remove(&c2);
+
+        // After the window: nothing.
+        tokio::time::advance(Duration::from_secs(31)).await;
+        let c3 = h.new_conn(ident("a", "u", "d"), "127.0.0.1".parse().unwrap(), false);
+        assert_eq!(h.take_resume(&c3), 0);
+        // Another device never gets them.
+        let c4 = h.new_conn(
+            ident("a", "u", "other"),
+            "127.0.0.1".parse().unwrap(),
+            false,
+        );
+        assert_eq!(h.take_resume(&c4), 0);
+    }
+
+    #[test]
+    fn conn_targets_must_match_app_and_user() {
+        let h = hub(RoomLimits::default());
+        let c = h.new_conn(ident("a", "u", ""), "127.0.0.1".parse().unwrap(), false);
+        h.insert(&c);
+        assert_eq!(h.targets(c.id, "a", "u").len(), 1);
+        assert_eq!(h.targets(c.id, "", "").len(), 1);
+        assert!(h.targets(c.id, "b", "u").is_empty());
+        assert!(h.targets(c.id, "a", "v").is_empty());
+        assert_eq!(h.slot_sessions(slot_of("a", "u")).len(), 1);
+        h.remove(&c);
+        assert!(h.targets(c.id, "", "").is_empty());
+        assert!(h.slot_counts().is_empty());
+        assert!(h.per_app().is_empty());
+    }
+
+    #[test]
+    fn full_queue_counts_a_slow_consumer() {
+        let h = hub(RoomLimits {
+            outbound_max_messages: 2,
+            ..RoomLimits::default()
+        });
+        let c = h.new_conn(ident("a", "u", ""), "127.0.0.1".parse().unwrap(), false);
+        h.insert(&c);
+        let f = Hub::message_frame("a", "m", 0, vec![], 1);
+        let all = h.conns_of_app("a");
+        assert_eq!(h.deliver_to(&all, "m", 0, &f), (1, 0));
+        assert_eq!(h.deliver_to(&all, "m", 0, &f), (1, 0));
+        assert_eq!(h.deliver_to(&all, "m", 0, &f), (0, 1));
+        assert_eq!(Stats::get(&h.stats.slow_consumers), 1);
+        assert_eq!(c.outbox.pop(), Next::Close(Closing::SlowConsumer));
+    }
+}
