@@ -38,7 +38,7 @@ fn partitions_are_real_and_everything_is_removed_on_drop() {
     assert_eq!(net::namespaces(&prefix).unwrap().len(), 2);
     // A listener in n2 (it stays running: cleanup must kill it).
     let n2 = network.nodes[1].clone();
-    let listener = Command::new("ip")
+    let mut listener = Command::new("ip")
         .args(["netns", "exec", &n2.ns, "python3", "-c"])
         .arg(format!(
             "import socket,time\ns=socket.socket()\ns.bind(('{}',7000))\ns.listen(64)\ntime.sleep(600)",
@@ -73,17 +73,18 @@ fn partitions_are_real_and_everything_is_removed_on_drop() {
         "links left: {:?}",
         net::links(&prefix).unwrap()
     );
-    let pid = listener.id();
-    let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            !s.rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with('Z')
+    // Cleanup SIGKILLed the listener inside the namespace.
+    let status = (0..100)
+        .find_map(|_| {
+            let s = listener.try_wait().unwrap();
+            if s.is_none() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            s
         })
-        .unwrap_or(false);
-    assert!(!alive, "process in a removed namespace survived");
+        .expect("process in a removed namespace survived");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(9), "{status:?}");
 }
 
 #[test]
