@@ -693,3 +693,115 @@ async fn unreachable_endpoints_exit_1_with_a_clear_message() {
     expect(&out, 1);
     assert!(stderr(&out).contains("no leader"), "{}", stderr(&out));
 }
+
+#[tokio::test]
+async fn member_add_promote_remove_a_real_node() {
+    let mut cluster = cluster().await;
+    let ep = endpoints(&cluster);
+    let addr = cluster.define_joiner(4).unwrap();
+    let added = json_of(&ctl(&ep, &["--json", "member", "add", "4", &addr]).await);
+    let learner = added
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == 4)
+        .expect("member 4 listed")
+        .clone();
+    assert_eq!(learner["is_learner"], true);
+    cluster.start_node(4).unwrap();
+    // The keeper refuses to promote a learner that has not caught up: retry until it has.
+    let ep2 = ep.clone();
+    wait_until("member 4 promoted", Duration::from_secs(30), || {
+        let ep2 = ep2.clone();
+        async move {
+            let out = ctl(&ep2, &["member", "promote", "4"]).await;
+            (out.status.code() == Some(0)).then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    let members = json_of(&ctl(&ep, &["--json", "member", "list"]).await);
+    assert_eq!(members.as_array().unwrap().len(), 4);
+    assert!(
+        members
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["is_learner"] == false)
+    );
+    expect(&ctl(&ep, &["member", "remove", "4"]).await, 0);
+    let members = json_of(&ctl(&ep, &["--json", "member", "list"]).await);
+    let ids: Vec<u64> = members
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![1, 2, 3]);
+    expect(&ctl(&ep, &["member", "remove", "4"]).await, 1);
+}
+
+#[tokio::test]
+async fn sdk_instance_applies_pushes_and_rejects_raw_invalid_documents() {
+    let cluster = cluster().await;
+    let ep = endpoints(&cluster);
+    let dir = tempfile::tempdir().unwrap();
+    publish_schema(&cluster, "svc").await;
+    let v1 = write(dir.path(), "v1.toml", VALID_V1);
+    expect(&ctl(&ep, &["config", "push", "svc", &v1]).await, 0);
+
+    let mut opts = keeper_sdk::ConnectOptions::new(&cluster.endpoints());
+    opts.instance = Some("i1".into());
+    let keeper = keeper_sdk::Keeper::connect_with(opts).await.unwrap();
+    let handle = keeper.config::<AppConfig>("svc").await.unwrap();
+    assert_eq!(handle.current().port, 8080);
+    let _registration = keeper
+        .register(
+            "svc",
+            keeper_sdk::Instance {
+                id: "i1".into(),
+                addrs: [("grpc".to_string(), "127.0.0.1:2".to_string())].into(),
+                zone: "z".into(),
+                meta: Default::default(),
+            },
+        )
+        .await
+        .unwrap();
+
+    // keeperctl --wait returns once the real SDK instance applied the new version.
+    let v2 = write(dir.path(), "v2.toml", VALID_V2);
+    let out = ctl(
+        &ep,
+        &["--timeout", "30", "config", "push", "svc", &v2, "--wait"],
+    )
+    .await;
+    let text = expect(&out, 0);
+    assert!(
+        text.contains("1 instance(s) of svc applied version 2"),
+        "{text}"
+    );
+    wait_until(
+        "the SDK handle at version 2",
+        Duration::from_secs(1),
+        || {
+            let ok = handle.version() == 2;
+            async move { ok.then_some(()) }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(handle.current().port, 9090);
+
+    // A document written raw (bypassing keeperctl's validation) is rejected by the SDK: the
+    // instance keeps version 2 and `services` shows its error.
+    let bad = json!({"version": 3, "format": "toml", "body": "name = \"svc\"\nport = \"x\"\n[server]\nhost = \"h\"\n",
+                     "updated_at": "2026-01-01T00:00:00Z", "author": "raw"});
+    put_raw(&cluster, "/config/svc", &bad.to_string()).await;
+    wait_for_field(&cluster, "/applied/svc/i1", "version", json!(3)).await;
+    let rows = json_of(&ctl(&ep, &["--json", "services", "svc"]).await);
+    assert_eq!(rows[0]["id"], "i1");
+    assert_eq!(rows[0]["applied"]["ok"], false);
+    let table = expect(&ctl(&ep, &["services", "svc"]).await, 0);
+    assert!(table.contains("error:"), "{table}");
+    assert_eq!(handle.current().port, 9090, "previous value kept");
+}
