@@ -184,7 +184,11 @@ fn free_port() -> anyhow::Result<u16> {
 
 impl Cluster {
     async fn start(bin: &Path) -> anyhow::Result<Self> {
-        let dir = std::env::temp_dir().join(format!("sdk-bench-{}", std::process::id()));
+        // On disk, not tmpfs, so fsync costs what it costs (`BENCH_TMPDIR` moves it).
+        let dir = std::env::var_os("BENCH_TMPDIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/tmp"))
+            .join(format!("sdk-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let addrs: Vec<String> = (0..3)
             .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
