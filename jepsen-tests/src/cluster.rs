@@ -279,18 +279,22 @@ impl Cluster {
         }
     }
 
-    /// Runs `op` against serving nodes (other than `avoid`) until one answers.
+    /// Runs `op` against serving nodes (other than `avoid`) until one answers, the leader first
+    /// (its view of the membership is the newest).
     async fn admin<T, F, Fut>(&self, avoid: Option<usize>, what: &str, op: F) -> anyhow::Result<T>
     where
         F: Fn(Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
         let mut last = anyhow::anyhow!("{what}: no node serving");
-        for s in self
+        let leader = self.leader().await;
+        let mut order: Vec<&Slot> = self
             .slots
             .iter()
             .filter(|s| s.serving() && !s.removed && Some(s.index) != avoid)
-        {
+            .collect();
+        order.sort_by_key(|s| Some(s.index) != leader);
+        for s in order {
             match client(&s.addr).await {
                 Ok(c) => match within(ADMIN_TIMEOUT, what, op(c)).await {
                     Ok(v) => return Ok(v),
