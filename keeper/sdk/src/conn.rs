@@ -73,21 +73,27 @@ impl Conn {
         })
     }
 
+    /// The cursor. It holds two integers that are always valid, so a panic elsewhere while
+    /// holding the lock (poisoning it) leaves nothing to repair: carry on.
+    fn cursor(&self) -> std::sync::MutexGuard<'_, (usize, u64)> {
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The current channel and its generation (pass it to [`Conn::fail`]).
     pub(crate) fn channel(&self) -> (Channel, u64) {
-        let (index, generation) = *self.current.lock().expect("conn cursor poisoned");
+        let (index, generation) = *self.cursor();
         (self.channels[index].1.clone(), generation)
     }
 
     /// The endpoint calls currently go to.
     pub(crate) fn endpoint(&self) -> String {
-        let (index, _) = *self.current.lock().expect("conn cursor poisoned");
+        let (index, _) = *self.cursor();
         self.channels[index].0.clone()
     }
 
     /// Moves to the next endpoint, unless another caller already moved on from `generation`.
     pub(crate) fn fail(&self, generation: u64) {
-        let mut cur = self.current.lock().expect("conn cursor poisoned");
+        let mut cur = self.cursor();
         if cur.1 == generation {
             let from = cur.0;
             cur.0 = (cur.0 + 1) % self.channels.len();
