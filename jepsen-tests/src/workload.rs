@@ -49,17 +49,19 @@ pub struct Ctx {
     pub seed: u64,
 }
 
-/// Whether an error proves the request never took effect. Only a refused connection (nothing
-/// was sent) and rejections by validation qualify; anything else (timeouts, lost connections,
+/// Whether an error proves the request never took effect. Only a refused connection from this
+/// client (nothing was sent) and rejections by validation qualify; anything else (timeouts, lost connections,
 /// "no leader" from a node that may have proposed it) might have been applied.
 pub fn classify(e: &etcd_client::Error) -> Outcome {
     match e {
         etcd_client::Error::GRpcStatus(s) => {
             use tonic::Code;
+            // Only this client's own connect failure counts. A server's message that merely
+            // quotes a refused connection (a follower failing to forward, possibly after an
+            // earlier attempt got through) does not prove the write went nowhere.
             let msg = s.message();
-            let never_sent = msg.contains("tcp connect error")
-                || msg.contains("Connection refused")
-                || msg.contains("error trying to connect");
+            let never_sent =
+                msg.starts_with("tcp connect error") || msg.starts_with("error trying to connect");
             match s.code() {
                 Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => {
                     Outcome::Fail
@@ -375,5 +377,46 @@ pub async fn watcher(
             }
         }
         node = (node + 1) % ctx.addrs.len();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(s: tonic::Status) -> etcd_client::Error {
+        etcd_client::Error::GRpcStatus(s)
+    }
+
+    #[test]
+    fn only_provably_unsent_or_rejected_requests_fail() {
+        use tonic::Status;
+        assert_eq!(
+            classify(&status(Status::unavailable("tcp connect error"))),
+            Outcome::Fail
+        );
+        assert_eq!(
+            classify(&status(Status::invalid_argument("key is larger than 4096"))),
+            Outcome::Fail
+        );
+        // A follower quoting its own failed forward: the write may have reached the leader.
+        assert_eq!(
+            classify(&status(Status::unavailable(
+                "leader 2 is unreachable: tcp connect error: Connection refused"
+            ))),
+            Outcome::Unknown
+        );
+        assert_eq!(
+            classify(&status(Status::unavailable("etcdserver: no leader"))),
+            Outcome::Unknown
+        );
+        assert_eq!(
+            classify(&status(Status::unknown("transport error"))),
+            Outcome::Unknown
+        );
+        assert_eq!(
+            classify(&status(Status::deadline_exceeded("timeout"))),
+            Outcome::Unknown
+        );
     }
 }
