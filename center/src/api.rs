@@ -16,7 +16,7 @@ pub const MAX_USER_BYTES: usize = 256;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PushRequest {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub users: Option<Vec<String>>,
     #[serde(default)]
     pub all: bool,
@@ -26,8 +26,17 @@ pub struct PushRequest {
     #[serde(default)]
     pub qos: u8,
     /// Seconds the message stays worth delivering (QoS 1 retries stop then).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub ttl_s: Option<u32>,
+}
+
+/// An optional field that may be absent but not `null` (the documented type is not nullable).
+fn present<'de, D, T>(d: D) -> std::result::Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 
 /// Who a checked push goes to.
@@ -269,6 +278,12 @@ mod tests {
         assert!(err.to_string().contains("empty"), "{err}");
         assert!(parse(r#"{"users":["a"],"payload":1,"extra":1}"#).is_err());
         assert!(parse(r#"{"users":["a"]}"#).is_err(), "payload is required");
+        assert!(parse(r#"{"all":true,"payload":1,"ttl_s":null}"#).is_err());
+        assert!(parse(r#"{"users":null,"all":true,"payload":1}"#).is_err());
+        assert!(
+            parse(r#"{"users":["a"],"payload":null}"#).is_ok(),
+            "payload is any JSON"
+        );
     }
 
     #[test]
