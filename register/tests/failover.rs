@@ -5,7 +5,9 @@
 //! Checks: after kill -9 of the register that leads the slot controller, every session is found by
 //! `Lookup` at its new owner within lease TTL + 2 s and no lookup ever answers "offline" for one of
 //! the (always connected) sessions; afterwards every slot's digest matches; a register stopped with
-//! SIGSTOP past its TTL refuses every write after SIGCONT until it has caught up with the map.
+//! SIGSTOP past its TTL refuses every write after SIGCONT until it has caught up with the map; when
+//! the room leaves discovery its sessions are dropped. A second test restarts a register: at the
+//! same epoch it serves its stored sessions at once, at a newer epoch it discards them.
 
 use std::collections::BTreeMap;
 use std::collections::HashMap;
@@ -45,11 +47,13 @@ struct Room {
     by_slot: Vec<Vec<usize>>,
     clients: Mutex<HashMap<String, RegisterClient<Channel>>>,
     syncs: AtomicU64,
+    /// The newest slot-map epoch whose moved slots this room has re-sent.
+    synced_epoch: AtomicU64,
 }
 
 impl Room {
-    fn new(keeper: Keeper) -> Self {
-        let sessions: Vec<Session> = (0..SESSIONS)
+    fn new(keeper: Keeper, n: usize) -> Self {
+        let sessions: Vec<Session> = (0..n)
             .map(|i| Session {
                 app: "demo".into(),
                 user: format!("user-{i}"),
@@ -69,6 +73,7 @@ impl Room {
             by_slot,
             clients: Mutex::new(HashMap::new()),
             syncs: AtomicU64::new(0),
+            synced_epoch: AtomicU64::new(0),
         }
     }
 
@@ -125,15 +130,17 @@ impl Room {
     /// refusal). Returns false if `stop` fires first.
     async fn sync_slot(&self, slot: u16, map: &SlotMap, stop: &CancellationToken) -> bool {
         let mut map = map.clone();
-        let mut first = true;
+        let mut reread = false;
         while !stop.is_cancelled() {
-            if !first {
+            if reread {
                 map = self.map().await;
             }
-            first = false;
             let Some(owner) = map.owner(slot).map(str::to_string) else {
                 return true;
             };
+            // UNAVAILABLE (the owner has not applied this epoch yet): retry soon with the same
+            // map; anything else: re-read the map first.
+            reread = true;
             if let Some(mut c) = self.client(&owner).await {
                 let req = SyncRequest {
                     epoch: map.epoch,
@@ -141,14 +148,18 @@ impl Room {
                     slot: u32::from(slot),
                     sessions: self.slot_sessions(slot),
                 };
-                if let Ok(resp) = c.sync(req).await
-                    && resp.get_ref().result.as_ref().map(|r| r.status) == Some(Status::Ok as i32)
-                {
-                    self.syncs.fetch_add(1, Ordering::Relaxed);
-                    return true;
+                if let Ok(resp) = c.sync(req).await {
+                    match resp.get_ref().result.as_ref().map(|r| r.status) {
+                        Some(s) if s == Status::Ok as i32 => {
+                            self.syncs.fetch_add(1, Ordering::Relaxed);
+                            return true;
+                        }
+                        Some(s) if s == Status::Unavailable as i32 => reread = false,
+                        _ => {}
+                    }
                 }
             }
-            tokio::time::sleep(Duration::from_millis(30)).await;
+            tokio::time::sleep(Duration::from_millis(if reread { 30 } else { 10 })).await;
         }
         false
     }
@@ -202,7 +213,7 @@ impl Room {
 
     /// Attaches every session, retrying refused items at their current owner.
     async fn attach_all(&self) {
-        let mut pending: Vec<usize> = (0..SESSIONS).collect();
+        let mut pending: Vec<usize> = (0..self.sessions.len()).collect();
         let deadline = Instant::now() + Duration::from_secs(60);
         while !pending.is_empty() {
             assert!(
@@ -328,10 +339,11 @@ async fn room_loop(room: Arc<Room>, stop: CancellationToken) {
                     let (room, stop, map) = (room.clone(), stop.clone(), map.clone());
                     async move { room.sync_slot(slot, &map, &stop).await }
                 })
-                .buffer_unordered(16)
+                .buffer_unordered(32)
                 .collect()
                 .await;
             if results.iter().all(|ok| *ok) {
+                room.synced_epoch.store(map.epoch, Ordering::Relaxed);
                 synced = map;
             }
             continue;
@@ -388,7 +400,7 @@ async fn kill9_failover_and_stale_owner() -> anyhow::Result<()> {
     let cluster = KeeperCluster::start(&testkit::bin("keeper"), 1, "").await?;
     let endpoints = cluster.endpoints();
     let keeper = Keeper::connect(&endpoints).await?;
-    let _registration = keeper
+    let registration = keeper
         .register(
             "room",
             Instance {
@@ -398,7 +410,7 @@ async fn kill9_failover_and_stale_owner() -> anyhow::Result<()> {
             },
         )
         .await?;
-    let room = Arc::new(Room::new(keeper.clone()));
+    let room = Arc::new(Room::new(keeper.clone(), SESSIONS));
     let stop = CancellationToken::new();
     let _stop_guard = stop.clone().drop_guard();
     tokio::spawn(room_loop(room.clone(), stop.clone()));
@@ -456,8 +468,17 @@ async fn kill9_failover_and_stale_owner() -> anyhow::Result<()> {
         if map_moved_after.is_none() && room.map().await.epoch > before.epoch {
             map_moved_after = Some(killed_at.elapsed());
         }
+        let t = killed_at.elapsed();
         offline += room.lookup_pass(&mut pending).await;
         passes += 1;
+        if std::env::var("FAILOVER_TRACE").is_ok() {
+            eprintln!(
+                "pass {passes} at {t:?} took {:?}: {} pending, room synced epoch {}",
+                killed_at.elapsed() - t,
+                pending.len(),
+                room.synced_epoch.load(Ordering::Relaxed)
+            );
+        }
         if !pending.is_empty() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -590,5 +611,171 @@ async fn kill9_failover_and_stale_owner() -> anyhow::Result<()> {
         "no write reached the resumed register"
     );
     eprintln!("stale owner: {refused} of {writes} writes refused after SIGCONT");
+
+    // The room goes away (its instance key is deleted): every register drops its sessions, so
+    // lookups answer offline.
+    stop.cancel();
+    registration.shutdown().await?;
+    let sample: Vec<usize> = (0..SESSIONS).step_by(97).collect();
+    wait_until(
+        "the departed room's sessions to be dropped",
+        Duration::from_secs(20),
+        || {
+            let room = room.clone();
+            let sample = sample.clone();
+            async move {
+                let map = room.map().await;
+                for i in &sample {
+                    let s = &room.sessions[*i];
+                    let mut c = room.client(map.owner_of(&s.app, &s.user)?).await?;
+                    let r = c
+                        .lookup(LookupRequest {
+                            epoch: map.epoch,
+                            app: s.app.clone(),
+                            user: s.user.clone(),
+                        })
+                        .await
+                        .ok()?
+                        .into_inner();
+                    let ok = r.result.map(|r| r.status) == Some(Status::Ok as i32);
+                    if !ok || !r.sessions.is_empty() {
+                        return None;
+                    }
+                }
+                Some(())
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// A keeper, the test room registered in discovery, and its background loop.
+async fn room_setup(
+    n: usize,
+) -> anyhow::Result<(
+    KeeperCluster,
+    Arc<Room>,
+    keeper_sdk::Registration,
+    CancellationToken,
+)> {
+    let cluster = KeeperCluster::start(&testkit::bin("keeper"), 1, "").await?;
+    let keeper = Keeper::connect(&cluster.endpoints()).await?;
+    let registration = keeper
+        .register(
+            "room",
+            Instance {
+                id: ROOM.into(),
+                addrs: BTreeMap::from([("grpc".into(), "127.0.0.1:1".into())]),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let room = Arc::new(Room::new(keeper, n));
+    let stop = CancellationToken::new();
+    tokio::spawn(room_loop(room.clone(), stop.clone()));
+    Ok((cluster, room, registration, stop))
+}
+
+async fn stats(room: &Room, id: &str) -> Option<StatsResponse> {
+    let mut c = room.client(id).await?;
+    Some(c.stats(StatsRequest {}).await.ok()?.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restart_keeps_data_at_the_same_epoch_and_discards_it_at_another() -> anyhow::Result<()> {
+    const N: usize = 5_000;
+    let (cluster, room, _registration, stop) = room_setup(N).await?;
+    let _stop_guard = stop.clone().drop_guard();
+    let endpoints = cluster.endpoints();
+    let dir = tempfile::tempdir()?;
+    let mut r1 = start_register(dir.path(), "r1", &endpoints);
+    wait_until(
+        "r1 to own every slot, ready",
+        Duration::from_secs(30),
+        || {
+            let room = room.clone();
+            async move {
+                let s = stats(&room, "r1").await?;
+                (s.owned_slots == u32::from(SLOTS) && s.rebuilding_slots == 0).then_some(())
+            }
+        },
+    )
+    .await?;
+    room.attach_all().await;
+    let epoch = room.map().await.epoch;
+
+    // kill -9 and restart at once, before the lease expires: the map does not change, so the
+    // stored sessions are served as they are (the room re-sends nothing: no owner changed).
+    r1.kill9();
+    room.clients.lock().unwrap().clear();
+    let mut r1 = start_register(dir.path(), "r1", &endpoints);
+    let restarted = wait_until("r1 serving again", Duration::from_secs(20), || {
+        let room = room.clone();
+        async move {
+            room.clients.lock().unwrap().clear();
+            let s = stats(&room, "r1").await?;
+            s.serving.then_some(s)
+        }
+    })
+    .await?;
+    assert_eq!(
+        restarted.epoch, epoch,
+        "the map changed across a quick restart"
+    );
+    assert_eq!(
+        restarted.rebuilding_slots, 0,
+        "same epoch: slots are served at once"
+    );
+    let mut pending: Vec<usize> = (0..N).collect();
+    assert_eq!(room.lookup_pass(&mut pending).await, 0);
+    assert!(
+        pending.is_empty(),
+        "{} stored sessions lost across restart",
+        pending.len()
+    );
+
+    // Stop it, move the map to a newer epoch behind its back, and restart: the stored data is
+    // stale and must not be served (lookups say unavailable, not the old sessions).
+    stop.cancel();
+    r1.terminate(Duration::from_secs(10))?;
+    let mut map = room.map().await;
+    map.epoch += 5;
+    room.keeper
+        .put(layout::REGISTER_SLOTS_KEY, serde_json::to_vec(&map)?)
+        .await?;
+    room.clients.lock().unwrap().clear();
+    let _r1 = start_register(dir.path(), "r1", &endpoints);
+    let restarted = wait_until(
+        "r1 serving after the epoch moved",
+        Duration::from_secs(20),
+        || {
+            let room = room.clone();
+            async move {
+                room.clients.lock().unwrap().clear();
+                let s = stats(&room, "r1").await?;
+                s.serving.then_some(s)
+            }
+        },
+    )
+    .await?;
+    assert_eq!(restarted.epoch, map.epoch);
+    assert_eq!(restarted.rebuilding_slots, u32::from(SLOTS));
+    let s = &room.sessions[0];
+    let mut c = room.client("r1").await.expect("client");
+    let r = c
+        .lookup(LookupRequest {
+            epoch: map.epoch,
+            app: s.app.clone(),
+            user: s.user.clone(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        r.result.map(|r| r.status),
+        Some(Status::Unavailable as i32),
+        "stale stored sessions served after an epoch change: {:?}",
+        r.sessions
+    );
     Ok(())
 }
