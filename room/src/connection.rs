@@ -30,58 +30,48 @@ pub async fn refuse<W: Wire>(mut wire: W, code: &str, message: &str) {
     wire.close().await;
 }
 
-/// Runs one accepted connection to its end. `permit` is held until then.
-pub async fn serve<W: Wire>(
-    hub: Arc<Hub>,
-    mut wire: W,
+/// Why a handshake did not produce a session.
+enum Refused {
+    /// Answer with this error and close.
+    Error(&'static str, String),
+    /// The socket is gone; nothing to send.
+    Gone,
+}
+
+fn timeout_refusal(ms: u64) -> Refused {
+    Refused::Error(
+        code::HANDSHAKE_TIMEOUT,
+        format!("no auth frame within handshake_timeout_ms = {ms}"),
+    )
+}
+
+/// Reads and checks `auth`, registers the session and queues `welcome`. Returns the
+/// connection and the frames that came after `auth` in the same read.
+async fn handshake<W: Wire>(
+    hub: &Hub,
+    wire: &mut W,
     ip: IpAddr,
-    permit: Permit,
-    shutdown: CancellationToken,
-) {
-    let _permit = permit;
+    shutdown: &CancellationToken,
+) -> Result<(Arc<Conn>, Vec<Frame>), Refused> {
     let limits = hub.limits();
     let mut frames = Vec::new();
+    // Part of a frame may arrive first; the whole auth frame must be in within the timeout.
     let read = tokio::select! {
-        r = tokio::time::timeout(
-            limits.handshake_timeout(),
-            wire.read_frames(|| hub.limits().max_frame_bytes, &mut frames),
-        ) => r,
-        _ = shutdown.cancelled() => return refuse(wire, code::SHUTTING_DOWN, "room is shutting down").await,
-    };
-    match read {
-        Err(_) => {
-            let msg = format!(
-                "no auth frame within handshake_timeout_ms = {}",
-                limits.handshake_timeout_ms
-            );
-            return refuse(wire, code::HANDSHAKE_TIMEOUT, &msg).await;
-        }
-        Ok(Err(ReadError::Frame(e))) => return refuse(wire, e.code(), &e.to_string()).await,
-        Ok(Err(_)) => return,
-        Ok(Ok(_)) => {}
-    }
-    if frames.is_empty() {
-        // Part of a frame arrived; the rest must follow within the same timeout.
-        let rest = tokio::time::timeout(limits.handshake_timeout(), async {
+        r = tokio::time::timeout(limits.handshake_timeout(), async {
             while frames.is_empty() {
-                wire.read_frames(|| hub.limits().max_frame_bytes, &mut frames)
-                    .await?;
+                wire.read_frames(|| hub.limits().max_frame_bytes, &mut frames).await?;
             }
             Ok::<_, ReadError>(())
-        })
-        .await;
-        match rest {
-            Err(_) => {
-                let msg = format!(
-                    "no auth frame within handshake_timeout_ms = {}",
-                    limits.handshake_timeout_ms
-                );
-                return refuse(wire, code::HANDSHAKE_TIMEOUT, &msg).await;
-            }
-            Ok(Err(ReadError::Frame(e))) => return refuse(wire, e.code(), &e.to_string()).await,
-            Ok(Err(_)) => return,
-            Ok(Ok(())) => {}
+        }) => r,
+        _ = shutdown.cancelled() => {
+            return Err(Refused::Error(code::SHUTTING_DOWN, "room is shutting down".into()));
         }
+    };
+    match read {
+        Err(_) => return Err(timeout_refusal(limits.handshake_timeout_ms)),
+        Ok(Err(ReadError::Frame(e))) => return Err(Refused::Error(e.code(), e.to_string())),
+        Ok(Err(_)) => return Err(Refused::Gone),
+        Ok(Ok(())) => {}
     }
     let mut rest = frames.into_iter();
     let token = match rest.next() {
@@ -89,22 +79,22 @@ pub async fn serve<W: Wire>(
         Some(other) => {
             Stats::add(&hub.stats.auth_failures, 1);
             let msg = format!("the first frame must be auth, got {:?}", other.kind());
-            return refuse(wire, code::AUTH_REQUIRED, &msg).await;
+            return Err(Refused::Error(code::AUTH_REQUIRED, msg));
         }
-        None => return,
+        None => return Err(Refused::Gone),
     };
     let identity = match auth::verify(&token, &hub.apps()) {
         Ok(id) => id,
         Err(e) => {
             Stats::add(&hub.stats.auth_failures, 1);
             metrics::counter!("room_auth_failures_total", "code" => e.code).increment(1);
-            return refuse(wire, e.code, &e.message).await;
+            return Err(Refused::Error(e.code, e.message));
         }
     };
     let conn = hub.new_conn(identity, ip, W::WEBSOCKET);
     if let Err(e) = hub.attach(&conn).await {
         let msg = format!("cannot register the session: {e}");
-        return refuse(wire, code::UNAVAILABLE, &msg).await;
+        return Err(Refused::Error(code::UNAVAILABLE, msg));
     }
     let resumed = hub.take_resume(&conn);
     let welcome = Frame::Welcome(clientpb::Welcome {
@@ -114,12 +104,30 @@ pub async fn serve<W: Wire>(
         resumed: resumed as u32,
     });
     hub.send(&conn, &welcome);
+    Ok((conn, rest.collect()))
+}
+
+/// Runs one accepted connection to its end. `permit` is held until then.
+pub async fn serve<W: Wire>(
+    hub: Arc<Hub>,
+    mut wire: W,
+    ip: IpAddr,
+    permit: Permit,
+    shutdown: CancellationToken,
+) {
+    let _permit = permit;
+    // Boxed: the handshake's state is freed once it is done, so a long-lived idle connection's
+    // task is only as large as the main loop's state.
+    let (conn, leftover) = match Box::pin(handshake(&hub, &mut wire, ip, &shutdown)).await {
+        Ok(x) => x,
+        Err(Refused::Error(code, message)) => return refuse(wire, code, &message).await,
+        Err(Refused::Gone) => return,
+    };
     hub.insert(&conn);
     hub.redeliver(&conn);
     metrics::gauge!("room_connections").increment(1.0);
     tracing::debug!(conn = conn.id, app = %conn.app, user = %conn.user, "authenticated");
 
-    let leftover: Vec<Frame> = rest.collect();
     let end = if let Err(end) = handle_frames(&hub, &conn, leftover) {
         end
     } else {

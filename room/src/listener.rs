@@ -57,14 +57,34 @@ pub async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let (hub, admission, shutdown) = (hub.clone(), admission.clone(), shutdown.clone());
-        tasks.spawn(async move {
-            start(kind, stream, peer, hub, admission, shutdown).await;
-        });
+        // Separate futures per transport: a TCP connection's task must not carry the space of
+        // the WebSocket handshake state.
+        match kind {
+            Kind::Tcp => {
+                tasks.spawn(start_tcp(stream, peer, hub, admission, shutdown));
+            }
+            Kind::Ws => {
+                tasks.spawn(start_ws(stream, peer, hub, admission, shutdown));
+            }
+        }
     }
 }
 
-async fn start(
-    kind: Kind,
+fn admit(
+    hub: &Hub,
+    admission: &Arc<Admission>,
+    peer: SocketAddr,
+    limits: &Arc<crate::config::RoomLimits>,
+) -> Result<crate::admission::Permit, crate::admission::Refusal> {
+    let admitted = admission.admit(peer.ip(), limits);
+    if admitted.is_err() {
+        Stats::add(&hub.stats.rejected, 1);
+        metrics::counter!("room_rejected_connections_total").increment(1);
+    }
+    admitted
+}
+
+async fn start_tcp(
     stream: TcpStream,
     peer: SocketAddr,
     hub: Arc<Hub>,
@@ -72,58 +92,89 @@ async fn start(
     shutdown: CancellationToken,
 ) {
     let limits = hub.limits();
-    let admitted = admission.admit(peer.ip(), &limits);
-    if admitted.is_err() {
-        Stats::add(&hub.stats.rejected, 1);
-        metrics::counter!("room_rejected_connections_total").increment(1);
+    let wire = TcpWire::new(stream);
+    match admit(&hub, &admission, peer, &limits) {
+        Ok(permit) => connection::serve(hub, wire, peer.ip(), permit, shutdown).await,
+        Err(r) => connection::refuse(wire, r.code, &r.message).await,
     }
-    match kind {
-        Kind::Tcp => {
-            let wire = TcpWire::new(stream);
-            match admitted {
-                Ok(permit) => connection::serve(hub, wire, peer.ip(), permit, shutdown).await,
-                Err(r) => connection::refuse(wire, r.code, &r.message).await,
-            }
+}
+
+async fn start_ws(
+    stream: TcpStream,
+    peer: SocketAddr,
+    hub: Arc<Hub>,
+    admission: Arc<Admission>,
+    shutdown: CancellationToken,
+) {
+    let limits = hub.limits();
+    let admitted = admit(&hub, &admission, peer, &limits);
+    let config = WebSocketConfig::default()
+        .read_buffer_size(limits.ws_buffer_bytes)
+        .write_buffer_size(0)
+        .max_write_buffer_size(limits.ws_buffer_bytes + WS_HARD_MAX.max(limits.max_frame_bytes) * 2)
+        .max_message_size(Some(WS_HARD_MAX.max(limits.max_frame_bytes)))
+        .max_frame_size(Some(WS_HARD_MAX.max(limits.max_frame_bytes)));
+    // The signature is tungstenite's callback type.
+    #[allow(clippy::result_large_err)]
+    let only_ws_path = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+        if req.uri().path() == "/ws" {
+            Ok(resp)
+        } else {
+            let mut e = ErrorResponse::new(Some("not found: the WebSocket path is /ws".into()));
+            *e.status_mut() = StatusCode::NOT_FOUND;
+            Err(e)
         }
-        Kind::Ws => {
-            let config = WebSocketConfig::default()
-                .read_buffer_size(limits.ws_buffer_bytes)
-                .write_buffer_size(0)
-                .max_write_buffer_size(
-                    limits.ws_buffer_bytes + WS_HARD_MAX.max(limits.max_frame_bytes) * 2,
-                )
-                .max_message_size(Some(WS_HARD_MAX.max(limits.max_frame_bytes)))
-                .max_frame_size(Some(WS_HARD_MAX.max(limits.max_frame_bytes)));
-            // The signature is tungstenite's callback type.
-            #[allow(clippy::result_large_err)]
-            let only_ws_path = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
-                if req.uri().path() == "/ws" {
-                    Ok(resp)
-                } else {
-                    let mut e =
-                        ErrorResponse::new(Some("not found: the WebSocket path is /ws".into()));
-                    *e.status_mut() = StatusCode::NOT_FOUND;
-                    Err(e)
-                }
-            };
-            let upgraded = tokio::time::timeout(
-                limits.handshake_timeout(),
-                tokio_tungstenite::accept_hdr_async_with_config(stream, only_ws_path, Some(config)),
-            )
-            .await;
-            let ws = match upgraded {
-                Ok(Ok(ws)) => ws,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, "websocket handshake failed: {e}");
-                    return;
-                }
-                Err(_) => return,
-            };
-            let wire = WsWire::new(ws);
-            match admitted {
-                Ok(permit) => connection::serve(hub, wire, peer.ip(), permit, shutdown).await,
-                Err(r) => connection::refuse(wire, r.code, &r.message).await,
-            }
+    };
+    let upgraded = tokio::time::timeout(
+        limits.handshake_timeout(),
+        tokio_tungstenite::accept_hdr_async_with_config(stream, only_ws_path, Some(config)),
+    )
+    .await;
+    let ws = match upgraded {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, "websocket handshake failed: {e}");
+            return;
         }
+        Err(_) => return,
+    };
+    let wire = WsWire::new(ws);
+    match admitted {
+        Ok(permit) => connection::serve(hub, wire, peer.ip(), permit, shutdown).await,
+        Err(r) => connection::refuse(wire, r.code, &r.message).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use longlink_common::AppsConfig;
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::config::RoomLimits;
+
+    /// The per-connection task is the largest fixed cost of an idle connection; keep it small.
+    #[tokio::test]
+    async fn connection_task_size_is_bounded() {
+        let (_l, lr) = watch::channel(Arc::new(RoomLimits::default()));
+        let (_a, ar) = watch::channel(Arc::new(AppsConfig::default()));
+        let hub = Hub::new("r".into(), lr, ar, None);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let tcp = start_tcp(
+            stream,
+            peer,
+            hub.clone(),
+            Admission::new(),
+            CancellationToken::new(),
+        );
+        let size = std::mem::size_of_val(&tcp);
+        eprintln!("connection task future: {size} bytes");
+        // 1680 bytes in a debug build when written; the handshake is boxed and freed after it.
+        assert!(size <= 2048, "connection task grew to {size} bytes");
     }
 }

@@ -256,8 +256,10 @@ async fn keeper_config_is_live_and_sessions_live_in_the_register() {
         || async {
             let (mut c, _) = login(&room.tcp, "bob").await?;
             c.uplink(vec![b'x'; 1000]).await.ok()?;
-            match c.recv().await {
-                Ok(Some(Frame::Error(e))) if e.code == "frame_too_large" => Some(()),
+            // A pong means the uplink was accepted: not applied yet.
+            c.ping().await.ok()?;
+            match tokio::time::timeout(Duration::from_secs(2), c.recv()).await {
+                Ok(Ok(Some(Frame::Error(e)))) if e.code == "frame_too_large" => Some(()),
                 _ => None,
             }
         },

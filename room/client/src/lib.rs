@@ -130,6 +130,18 @@ impl Connection {
         Self::connect_path(addr, transport, "/ws").await
     }
 
+    /// A TCP connection over an already connected stream (e.g. bound to a chosen source address).
+    pub fn from_tcp(stream: TcpStream) -> Result<Connection> {
+        stream.set_nodelay(true)?;
+        Ok(Connection {
+            wire: Wire::Tcp {
+                stream,
+                buf: BytesMut::new(),
+            },
+            max_frame: 16 * 1024 * 1024,
+        })
+    }
+
     /// Like [`Connection::connect`] with another WebSocket path (tests of the 404 answer).
     pub async fn connect_path(addr: &str, transport: Transport, path: &str) -> Result<Connection> {
         let stream = TcpStream::connect(addr).await?;

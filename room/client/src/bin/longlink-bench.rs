@@ -1,0 +1,215 @@
+//! longlink-bench: load generator for rooms.
+//! - `conns`: holds N authenticated idle connections (spread over source addresses), reports the
+//!   connect rate and, given the room's pid, its RSS per connection.
+//! - `fanout`: holds N connections of one app, broadcasts through the room's gRPC and measures
+//!   deliveries/s and the time until every connection has the message.
+//! - `storm`: N clients connect and authenticate at once: handshakes/s.
+
+use std::net::IpAddr;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use std::time::Instant;
+
+use clap::Parser;
+use clap::Subcommand;
+use longlink_client::Connection;
+use longlink_client::Frame;
+use longlink_proto::roompb;
+use longlink_proto::roompb::room_client::RoomClient;
+use tokio::net::TcpSocket;
+use tokio::sync::Semaphore;
+
+#[derive(Debug, Parser)]
+#[command(about = "Load generator for Longlink rooms")]
+struct Cli {
+    /// Room TCP address.
+    #[arg(long, default_value = "127.0.0.1:7100")]
+    addr: SocketAddr,
+    /// App id and its JWT secret.
+    #[arg(long, default_value = "demo")]
+    app: String,
+    #[arg(long, env = "LONGLINK_SECRET")]
+    secret: String,
+    /// Local source addresses to spread connections over (e.g. 127.0.0.2,127.0.0.3), to get
+    /// past the ephemeral port range of one address.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
+    sources: Vec<IpAddr>,
+    /// Connections in flight at once while connecting.
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Debug, Subcommand)]
+enum Mode {
+    /// Hold N idle authenticated connections.
+    Conns {
+        #[arg(long)]
+        n: usize,
+        /// Read the room's RSS from /proc/PID/status before and after.
+        #[arg(long)]
+        room_pid: Option<u32>,
+        /// Keep them this long after connecting (pings keep them alive).
+        #[arg(long, default_value_t = 5)]
+        hold_s: u64,
+    },
+    /// Broadcast to N connections and time the deliveries.
+    Fanout {
+        #[arg(long)]
+        n: usize,
+        /// The room's gRPC address.
+        #[arg(long, default_value = "127.0.0.1:7102")]
+        grpc: SocketAddr,
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+    },
+    /// N clients connect and authenticate at once.
+    Storm {
+        #[arg(long)]
+        n: usize,
+    },
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+async fn connect_one(cli: &Cli, i: usize) -> anyhow::Result<Connection> {
+    let src = cli.sources[i % cli.sources.len()];
+    let socket = match src {
+        IpAddr::V4(_) => TcpSocket::new_v4()?,
+        IpAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(src, 0))?;
+    let stream = socket.connect(cli.addr).await?;
+    let mut c = Connection::from_tcp(stream)?;
+    let token = longlink_client::token(
+        &cli.app,
+        &format!("bench-{i}"),
+        Some("bench"),
+        &cli.secret,
+        Duration::from_secs(3600),
+    );
+    c.auth(&token).await?;
+    Ok(c)
+}
+
+/// Connects `n` clients with bounded concurrency; returns them and the elapsed time.
+async fn connect_many(cli: &Arc<Cli>, n: usize) -> anyhow::Result<(Vec<Connection>, Duration)> {
+    let sem = Arc::new(Semaphore::new(cli.concurrency));
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let permit = sem.clone().acquire_owned().await?;
+        let cli = cli.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = connect_one(&cli, i).await;
+            drop(permit);
+            r
+        }));
+    }
+    let mut conns = Vec::with_capacity(n);
+    for t in tasks {
+        conns.push(t.await??);
+    }
+    Ok((conns, started.elapsed()))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Arc::new(Cli::parse());
+    match &cli.mode {
+        Mode::Conns {
+            n,
+            room_pid,
+            hold_s,
+        } => {
+            let before = room_pid.and_then(rss_kib);
+            let (conns, took) = connect_many(&cli, *n).await?;
+            println!(
+                "conns: {n} authenticated in {:.2?} ({:.0}/s)",
+                took,
+                *n as f64 / took.as_secs_f64()
+            );
+            // Let the room settle (handshake buffers freed) before measuring.
+            tokio::time::sleep(Duration::from_secs(*hold_s)).await;
+            if let (Some(pid), Some(before)) = (room_pid, before) {
+                let after = rss_kib(*pid).unwrap_or(0);
+                println!(
+                    "room rss: {before} KiB -> {after} KiB, {:.0} bytes per connection",
+                    (after.saturating_sub(before) as f64 * 1024.0) / *n as f64
+                );
+            }
+            drop(conns);
+        }
+        Mode::Fanout { n, grpc, rounds } => {
+            let (conns, _) = connect_many(&cli, *n).await?;
+            let mut client = RoomClient::connect(format!("http://{grpc}")).await?;
+            let received = Arc::new(AtomicU64::new(0));
+            let mut readers = Vec::new();
+            for mut c in conns {
+                let received = received.clone();
+                readers.push(tokio::spawn(async move {
+                    while let Ok(Some(f)) = c.recv().await {
+                        if matches!(f, Frame::Message(_)) {
+                            received.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }));
+            }
+            let mut hist = hdrhistogram::Histogram::<u64>::new(3)?;
+            let started = Instant::now();
+            for r in 0..*rounds {
+                let target = received.load(Ordering::Relaxed) + *n as u64;
+                let t0 = Instant::now();
+                client
+                    .broadcast(roompb::BroadcastRequest {
+                        app: cli.app.clone(),
+                        message: Some(roompb::Message {
+                            id: format!("b{r}"),
+                            qos: 0,
+                            payload: br#"{"bench":true}"#.to_vec(),
+                            ts: 0,
+                        }),
+                    })
+                    .await?;
+                while received.load(Ordering::Relaxed) < target {
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                    if t0.elapsed() > Duration::from_secs(30) {
+                        anyhow::bail!("round {r}: deliveries stalled");
+                    }
+                }
+                hist.record(t0.elapsed().as_micros() as u64)?;
+            }
+            let total = started.elapsed();
+            println!(
+                "fanout: {} deliveries in {:.2?} ({:.0}/s); completion p50 {} ms p99 {} ms",
+                n * rounds,
+                total,
+                (n * rounds) as f64 / total.as_secs_f64(),
+                hist.value_at_quantile(0.5) as f64 / 1000.0,
+                hist.value_at_quantile(0.99) as f64 / 1000.0
+            );
+        }
+        Mode::Storm { n } => {
+            let (conns, took) = connect_many(&cli, *n).await?;
+            println!(
+                "storm: {n} handshakes in {:.2?} ({:.0}/s)",
+                took,
+                *n as f64 / took.as_secs_f64()
+            );
+            drop(conns);
+        }
+    }
+    Ok(())
+}
