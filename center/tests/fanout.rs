@@ -124,6 +124,11 @@ struct FakeRoom {
     pushes: Arc<Mutex<Vec<roompb::PushRequest>>>,
     broadcasts: Arc<Mutex<Vec<roompb::BroadcastRequest>>>,
     kicks: Arc<Mutex<Vec<roompb::KickRequest>>>,
+    /// When set, each Push waits for a permit (to hold calls in flight).
+    hold: Option<Arc<tokio::sync::Semaphore>>,
+    /// Pushes being handled now, and the most ever at once.
+    inflight: Arc<AtomicU32>,
+    max_inflight: Arc<AtomicU32>,
 }
 
 fn take_failure(counter: &AtomicU32) -> bool {
@@ -141,6 +146,12 @@ impl Room for FakeRoom {
         let r = request.into_inner();
         let n = r.items.len() as u32;
         self.pushes.lock().unwrap().push(r);
+        let now = self.inflight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_inflight.fetch_max(now, Ordering::SeqCst);
+        if let Some(hold) = &self.hold {
+            hold.acquire().await.unwrap().forget();
+        }
+        self.inflight.fetch_sub(1, Ordering::SeqCst);
         if take_failure(&self.fail_pushes) {
             return Err(Status::unavailable("room overloaded"));
         }
@@ -197,6 +208,14 @@ struct Cluster {
 /// Two registers (reg-a: even slots, reg-b: odd slots) and `rooms` rooms. With `stale_map`,
 /// center's slot map names reg-a for every slot, so odd slots come back WRONG_OWNER -> reg-b.
 async fn cluster(rooms: Vec<FakeRoom>, stale_map: bool) -> Cluster {
+    cluster_with(test_config(), rooms, stale_map).await
+}
+
+async fn cluster_with(
+    config: center::CenterConfig,
+    rooms: Vec<FakeRoom>,
+    stale_map: bool,
+) -> Cluster {
     let sessions: Sessions = Arc::default();
     let regs = vec![
         FakeRegister {
@@ -233,7 +252,7 @@ async fn cluster(rooms: Vec<FakeRoom>, stale_map: bool) -> Cluster {
             grpc: Some(addr),
         });
     }
-    let h = start(test_config(), two_apps(), live).await;
+    let h = start(config, two_apps(), live).await;
     h.registers.send_replace(Arc::new(reg_addrs));
     let mut map = SlotMap::empty();
     map.epoch = 1;
@@ -488,4 +507,63 @@ async fn presence_and_kick() {
         .await
         .error(503, "unavailable");
     c.h.stop().await;
+}
+
+#[tokio::test]
+async fn flow_control_caps_calls_in_flight_and_fails_fast_past_the_waiters() {
+    let hold = Arc::new(tokio::sync::Semaphore::new(0));
+    let room = FakeRoom {
+        hold: Some(hold.clone()),
+        ..FakeRoom::default()
+    };
+    let mut config = test_config();
+    config.fanout.room_inflight = 2;
+    config.fanout.room_waiters = 2;
+    let c = cluster_with(config, vec![room], false).await;
+    online(&c.sessions, "alice", "room-1", 1);
+    let h = Arc::new(c.h);
+    let calls: Vec<_> = (0..6)
+        .map(|_| {
+            let h = h.clone();
+            tokio::spawn(async move {
+                h.post(
+                    "/v1/apps/demo/push",
+                    Some("k-demo"),
+                    json!({"users": ["alice"], "payload": 1}),
+                )
+                .await
+                .json
+            })
+        })
+        .collect();
+    // Two calls reach the room; two wait their turn; the other two fail fast (not delivered).
+    let pushes = c.rooms[0].pushes.clone();
+    testkit::wait_until("two pushes in the room", Duration::from_secs(10), || {
+        let n = pushes.lock().unwrap().len();
+        async move { (n == 2).then_some(()) }
+    })
+    .await
+    .unwrap();
+    let finished = testkit::wait_until("two calls refused", Duration::from_secs(10), || {
+        let done: Vec<usize> = calls
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.is_finished())
+            .map(|(i, _)| i)
+            .collect();
+        async move { (done.len() == 2).then_some(done) }
+    })
+    .await
+    .unwrap();
+    hold.add_permits(100);
+    let mut sessions = vec![];
+    for (i, call) in calls.into_iter().enumerate() {
+        let answer = call.await.unwrap();
+        sessions.push((finished.contains(&i), answer["sessions"].as_u64().unwrap()));
+    }
+    for (refused, n) in &sessions {
+        assert_eq!(*n, if *refused { 0 } else { 1 }, "{sessions:?}");
+    }
+    assert_eq!(c.rooms[0].max_inflight.load(Ordering::SeqCst), 2);
+    assert_eq!(pushes.lock().unwrap().len(), 4);
 }
