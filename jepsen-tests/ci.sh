@@ -12,9 +12,10 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 
-(cd .. && cargo build -p keeper --bins)
-cargo build
-cargo test
+# The same crate set as scripts/test.sh, so RocksDB is not rebuilt for another feature set.
+(cd .. && cargo build --workspace --all-targets --locked)
+cargo build --locked
+cargo test --locked
 
 bin="$CARGO_TARGET_DIR/debug/jepsen-tests"
 out=$(mktemp -d /var/tmp/longlink-jepsen-ci.XXXXXX)

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/longlink-target}"
 # Integration tests of one crate start other crates' binaries (testkit::bin finds them).
-cargo build --workspace --bins --locked
+cargo build --workspace --all-targets --locked
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --locked --no-tests=pass "$@"
     cargo test --workspace --locked --doc "$@"
