@@ -105,9 +105,16 @@ mod tests {
     }
 
     #[test]
+    fn example_config_parses() {
+        let doc: AppsConfig = toml::from_str(include_str!("../../config/apps.toml")).unwrap();
+        assert_eq!(doc.validate(), Ok(()));
+        assert_eq!(doc.get("demo").unwrap().api_keys, ["demo-local-key"]);
+    }
+
+    #[test]
     fn unknown_fields_and_duplicates_are_rejected() {
-        let err = toml::from_str::<AppsConfig>("[[apps]]\nid='a'\nsecret='s'\nsecrit='x'\n")
-            .unwrap_err();
+        let err =
+            toml::from_str::<AppsConfig>("[[apps]]\nid='a'\nsecret='s'\nsecrit='x'\n").unwrap_err();
         assert!(err.to_string().contains("secrit"), "{err}");
         let doc = AppsConfig {
             apps: vec![
