@@ -63,10 +63,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     let mut config = ClientConfig::new(addrs[0].clone(), Transport::Tcp, token);
     config.addrs = addrs;
     let mut client = Client::connect(config).await?;
-    let conn_id = client
-        .welcome()
-        .map(|w| w.conn_id.clone())
-        .unwrap_or_default();
+    let conn_id = client.welcome().map(|w| w.conn_id).unwrap_or_default();
     eprintln!(
         "listening as {}/{} on room {} (conn {conn_id}); Ctrl-C stops",
         args.app, args.user, dispatch.rooms[0].id
