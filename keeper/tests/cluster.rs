@@ -22,7 +22,6 @@ use testkit::wait_until;
 const BIN: &str = env!("CARGO_BIN_EXE_keeper");
 /// Timings used by every test cluster (the defaults, written out so the bounds below follow).
 const TIMING: &str = "heartbeat_ms = 100\nelection_timeout_ms = [500, 1000]\n";
-const ELECTION_TIMEOUT_MAX: Duration = Duration::from_millis(1000);
 
 async fn cluster(extra: &str) -> KeeperCluster {
     KeeperCluster::start(Path::new(BIN), 3, &format!("{TIMING}{extra}"))
@@ -369,9 +368,10 @@ async fn leader_kill9_under_load_loses_no_acknowledged_write() {
     .unwrap();
     let outage = resumed - killed_at;
     eprintln!("writes resumed {outage:?} after kill -9 of leader {leader}");
-    // Two election timeouts plus the client's own retry delay.
+    // K4 (DESIGN.md §7): after a fault, a write succeeds within 10 s. Typically two election
+    // timeouts; how fast is a benchmark question, not something to assert on a loaded machine.
     assert!(
-        outage < 2 * ELECTION_TIMEOUT_MAX + Duration::from_secs(1),
+        outage < Duration::from_secs(10),
         "writes resumed only after {outage:?}"
     );
 

@@ -44,20 +44,40 @@ const KEY_LAST_PURGED: &[u8] = b"last_purged";
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
-    /// Appends waiting for the group-commit fsync. The flusher thread exits when every clone of
-    /// this sender is dropped.
-    flush_tx: mpsc::Sender<IoFlushed>,
+    /// Appends waiting for the group-commit fsync; shared by all clones.
+    flusher: Arc<Flusher>,
+}
+
+/// The group-commit thread. Dropping the last handle closes the queue and joins the thread, so
+/// its reference to the database is gone before the store is: a thread still inside RocksDB while
+/// the process exits makes RocksDB abort ("pthread lock: Invalid argument").
+struct Flusher {
+    tx: Option<mpsc::Sender<IoFlushed>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl LogStore {
     pub(crate) fn new(db: Arc<DB>) -> Self {
         let (flush_tx, flush_rx) = mpsc::channel::<IoFlushed>();
         let flusher_db = db.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("raft-wal-flush".into())
             .spawn(move || group_commit(flusher_db, flush_rx))
             .expect("spawn WAL flusher thread");
-        Self { db, flush_tx }
+        let flusher = Arc::new(Flusher {
+            tx: Some(flush_tx),
+            thread: Some(thread),
+        });
+        Self { db, flusher }
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> io::Result<Option<T>> {
@@ -189,8 +209,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Written before returning so the entries are readable at once; durable only after the
         // flusher's fsync, which is when openraft learns about it through `callback`.
         self.db.write(batch).map_err(io::Error::other)?;
-        self.flush_tx
-            .send(callback)
+        let tx = self
+            .flusher
+            .tx
+            .as_ref()
+            .expect("sender lives until the flusher drops");
+        tx.send(callback)
             .map_err(|_| io::Error::other("WAL flusher thread has stopped"))
     }
 
