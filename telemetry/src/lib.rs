@@ -87,3 +87,27 @@ pub fn shutdown_on_signal() -> CancellationToken {
     });
     token
 }
+
+/// Reads a process's TOML config file into `T`; the error names the file.
+pub fn read_config<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Runs a process until SIGTERM/SIGINT and turns the outcome into its exit code, printing
+/// `name: reason` when it fails: the tail every binary's `main` shares.
+pub async fn run_until_signal<F, Fut, E>(name: &str, run: F) -> std::process::ExitCode
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    match run(shutdown_on_signal()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

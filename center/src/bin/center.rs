@@ -32,11 +32,7 @@ struct Cli {
 
 fn load(cli: &Cli) -> anyhow::Result<CenterConfig> {
     let mut config = match &cli.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
-        }
+        Some(path) => telemetry::read_config(path).map_err(anyhow::Error::msg)?,
         None => CenterConfig::default(),
     };
     if let Some(id) = &cli.id {
@@ -105,12 +101,5 @@ async fn main() -> ExitCode {
         eprintln!("center: {e}");
         return ExitCode::FAILURE;
     }
-    let shutdown = telemetry::shutdown_on_signal();
-    match center::run(config, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("center: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    telemetry::run_until_signal("center", |shutdown| center::run(config, shutdown)).await
 }

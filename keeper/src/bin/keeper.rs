@@ -40,11 +40,7 @@ struct Cli {
 
 fn load(cli: &Cli) -> anyhow::Result<KeeperConfig> {
     let mut config = match &cli.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
-        }
+        Some(path) => telemetry::read_config(path).map_err(anyhow::Error::msg)?,
         None => KeeperConfig::default(),
     };
     if let Some(id) = cli.id {
@@ -86,12 +82,5 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let shutdown = telemetry::shutdown_on_signal();
-    match keeper::run(config, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("keeper: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    telemetry::run_until_signal("keeper", |shutdown| keeper::run(config, shutdown)).await
 }

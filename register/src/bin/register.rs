@@ -39,11 +39,7 @@ struct Cli {
 
 fn load(cli: &Cli) -> anyhow::Result<ProcessConfig> {
     let mut config = match &cli.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
-        }
+        Some(path) => telemetry::read_config(path).map_err(anyhow::Error::msg)?,
         None => ProcessConfig::default(),
     };
     if let Some(id) = &cli.id {
@@ -84,12 +80,5 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let shutdown = telemetry::shutdown_on_signal();
-    match register::run(config, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("register: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    telemetry::run_until_signal("register", |shutdown| register::run(config, shutdown)).await
 }

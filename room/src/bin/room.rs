@@ -51,12 +51,5 @@ async fn main() -> ExitCode {
         keeper: cli.keeper,
         advertise_host: cli.advertise_host,
     };
-    let shutdown = telemetry::shutdown_on_signal();
-    match room::run(config, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("room: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    telemetry::run_until_signal("room", |shutdown| room::run(config, shutdown)).await
 }
