@@ -41,10 +41,9 @@ if [[ -z "${PROTOC:-}" ]] && ! command -v protoc >/dev/null 2>&1; then
   export PROTOC
 fi
 
-packages=(-p keeper-bench)
-wants keeper && packages+=(-p keeper)
-log "building ${packages[*]} (release; target dir $CARGO_TARGET_DIR)"
-cargo build --release --locked "${packages[@]}"
+# Every bench builds the same release crate set, so RocksDB is compiled once (docs/decisions.md).
+log "building the workspace's binaries (release; target dir $CARGO_TARGET_DIR)"
+cargo build --release --workspace --bins --locked
 bin="$CARGO_TARGET_DIR/release"
 
 work="$(mktemp -d "${BENCH_TMPDIR:-/var/tmp}/keeper-bench.XXXXXX")"
