@@ -41,9 +41,13 @@ impl Default for RegisterConfig {
 }
 
 impl RegisterConfig {
+    /// Checks what the schema cannot express; a document that fails is not applied.
     pub fn validate(&self) -> Result<(), String> {
         if self.max_batch == 0 || self.max_sync_sessions == 0 {
-            return Err("max_batch and max_sync_sessions must be at least 1".into());
+            return Err(format!(
+                "max_batch ({}) and max_sync_sessions ({}) must be at least 1",
+                self.max_batch, self.max_sync_sessions
+            ));
         }
         if self.handback_slots_per_step == 0 {
             return Err("handback_slots_per_step must be at least 1".into());

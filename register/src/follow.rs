@@ -117,31 +117,19 @@ pub async fn rooms(mut discovery: Discovery, node: Arc<Node>, shutdown: Cancella
     }
 }
 
-/// Applies every new version of the typed config that validates.
+/// Applies every new version of the typed config (the handle only yields versions that passed
+/// [`RegisterConfig::validate`]; the others are reported under `/applied` by the SDK).
 pub async fn config(
-    mut handle: ConfigHandle<RegisterConfig>,
+    handle: ConfigHandle<RegisterConfig>,
     node: Arc<Node>,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let next = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            n = handle.changed() => n,
-        };
-        match next {
-            Ok(c) => match c.validate() {
-                Ok(()) => {
-                    tracing::info!(version = handle.version(), "config applied");
-                    node.set_config(c);
-                }
-                Err(e) => tracing::warn!("config version {} refused: {e}", handle.version()),
-            },
-            Err(e) => {
-                tracing::warn!("config follow ended: {e}");
-                return;
-            }
-        }
-    }
+    handle
+        .for_each(shutdown, |c, version| {
+            tracing::info!(version, "config applied");
+            node.set_config(c);
+        })
+        .await;
 }
 
 /// Readies rebuilding slots whose timeout passed.

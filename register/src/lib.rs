@@ -5,7 +5,6 @@
 pub mod balance;
 pub mod config;
 pub mod controller;
-pub mod digest;
 pub mod error;
 pub mod follow;
 pub mod gate;
@@ -68,20 +67,10 @@ pub async fn run(config: ProcessConfig, shutdown: CancellationToken) -> Result<(
         move |e: keeper_sdk::Error| Error::Keeper(format!("{what}: {e}"))
     };
     let typed = keeper
-        .config_or_default::<RegisterConfig>("register")
+        .config_or_default_with::<RegisterConfig>("register", RegisterConfig::validate)
         .await
         .map_err(keeper_err("config"))?;
-    let initial = typed.current();
-    let initial = match initial.validate() {
-        Ok(()) => (*initial).clone(),
-        Err(e) => {
-            tracing::warn!(
-                "config version {} refused ({e}); using defaults",
-                typed.version()
-            );
-            RegisterConfig::default()
-        }
-    };
+    let initial = (*typed.current()).clone();
     let node = Arc::new(Node::new(
         &config.id,
         store,

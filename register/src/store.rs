@@ -22,10 +22,10 @@ use rocksdb::WriteOptions;
 use serde::Deserialize;
 use serde::Serialize;
 
-use crate::digest::Digest;
 use crate::error::Error;
 use crate::error::Result;
 use crate::keys;
+use longlink_common::Digest;
 
 const CF_SESSIONS: &str = "sessions";
 const CF_BY_ROOM: &str = "by_room";

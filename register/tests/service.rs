@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use std::time::Instant;
 
+use longlink_common::Digest;
 use longlink_common::SLOTS;
 use longlink_common::SlotMap;
 use longlink_common::slot_of;
@@ -13,7 +14,6 @@ use longlink_proto::registerpb::register_client::RegisterClient;
 use longlink_proto::registerpb::*;
 use register::Node;
 use register::RegisterConfig;
-use register::digest::Digest;
 use register::gate::LeaseGate;
 use register::store::Store;
 use tokio_util::sync::CancellationToken;

@@ -450,17 +450,6 @@ async fn detach_loop(
     }
 }
 
-/// Digest term of one session: xxh3_64(app 0x00 user 0x00 conn_id(be64)).
-pub fn session_hash(app: &str, user: &str, conn_id: u64) -> u64 {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    h.update(app.as_bytes());
-    h.update(&[0]);
-    h.update(user.as_bytes());
-    h.update(&[0]);
-    h.update(&conn_id.to_be_bytes());
-    h.digest()
-}
-
 /// Replaces this room's sessions of `slot` at its owner. Returns whether it succeeded.
 async fn sync_slot(hub: &Hub, routes: &Routes, slot: u16) -> bool {
     let map = routes.map();
@@ -510,7 +499,8 @@ async fn digest_round(hub: &Hub, routes: &Routes) -> Vec<u16> {
     let mut ours: HashMap<u16, (u64, u64)> = HashMap::new();
     for s in hub.all_conns() {
         let e = ours.entry(s.slot).or_default();
-        e.0 = e.0.wrapping_add(session_hash(&s.app, &s.user, s.id));
+        e.0 =
+            e.0.wrapping_add(longlink_common::session_hash(&s.app, &s.user, s.id));
         e.1 += 1;
     }
     let mut by_owner: HashMap<String, Vec<registerpb::SlotDigest>> = HashMap::new();

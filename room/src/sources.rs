@@ -1,8 +1,7 @@
 //! Live config from the keeper: the typed documents `room` ([`RoomLimits`]) and `apps`
 //! ([`AppsConfig`]) followed with the SDK and forwarded into the watch channels the room reads.
-//! A document that parses but fails validation is not applied (the previous one stays).
-
-use std::sync::Arc;
+//! A document that parses but fails validation is not applied (the previous one stays) and the
+//! failure is reported under `/applied/<service>/<id>`, where `keeperctl config push --wait` sees it.
 
 use longlink_common::AppsConfig;
 use tokio::sync::watch;
@@ -13,70 +12,28 @@ use crate::config::RoomLimits;
 use crate::error::Error;
 use crate::error::Result;
 
-/// Follows `service`'s document, forwarding every valid version into `tx`.
-async fn follow<T>(
-    mut handle: keeper_sdk::ConfigHandle<T>,
-    tx: watch::Sender<Arc<T>>,
-    validate: fn(&T) -> std::result::Result<(), String>,
-    service: &'static str,
-    shutdown: CancellationToken,
-) where
-    T: Send + Sync + 'static,
-{
-    loop {
-        let next = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = handle.changed() => r,
-        };
-        match next {
-            Ok(v) => match validate(&v) {
-                Ok(()) => {
-                    tracing::info!(service, version = handle.version(), "config applied");
-                    tx.send_replace(v);
-                }
-                Err(e) => tracing::warn!(service, "config not applied: {e}"),
-            },
-            Err(e) => {
-                tracing::warn!(service, "config watch failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            }
-        }
-    }
-}
-
 /// Loads `room` and `apps` (defaults until pushed) and keeps them live.
 pub async fn from_keeper(
     keeper: &keeper_sdk::Keeper,
     shutdown: CancellationToken,
 ) -> Result<Sources> {
     let limits = keeper
-        .config_or_default::<RoomLimits>("room")
+        .config_or_default_with::<RoomLimits>("room", |l| l.validate().map_err(|e| e.to_string()))
         .await
         .map_err(|e| Error::Keeper(format!("config room: {e}")))?;
     let apps = keeper
-        .config_or_default::<AppsConfig>("apps")
+        .config_or_default_with::<AppsConfig>("apps", |a| a.validate().map_err(|e| e.to_string()))
         .await
         .map_err(|e| Error::Keeper(format!("config apps: {e}")))?;
-    let first_limits = limits.current();
-    if let Err(e) = first_limits.validate() {
-        return Err(Error::Config(e.to_string()));
-    }
-    let (ltx, lrx) = watch::channel(first_limits);
+    let (ltx, lrx) = watch::channel(limits.current());
     let (atx, arx) = watch::channel(apps.current());
-    tokio::spawn(follow(
-        limits,
-        ltx,
-        |l: &RoomLimits| l.validate().map_err(|e| e.to_string()),
-        "room",
-        shutdown.clone(),
-    ));
-    tokio::spawn(follow(
-        apps,
-        atx,
-        |a: &AppsConfig| a.validate().map_err(|e| e.to_string()),
-        "apps",
-        shutdown,
-    ));
+    // Only versions that passed validation arrive; the SDK reports the others.
+    tokio::spawn(limits.for_each(shutdown.clone(), move |v, _| {
+        ltx.send_replace(v);
+    }));
+    tokio::spawn(apps.for_each(shutdown, move |v, _| {
+        atx.send_replace(v);
+    }));
     Ok(Sources {
         limits: lrx,
         apps: arx,

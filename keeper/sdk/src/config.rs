@@ -71,6 +71,31 @@ impl<T> ConfigHandle<T> {
             .map_err(|_| Error::Closed("config handle"))?;
         Ok(self.rx.borrow_and_update().value.clone())
     }
+
+    /// Calls `apply(value, version)` for every version applied from now on, until `shutdown` is
+    /// cancelled or the handle's watch ends; spawn it as a task.
+    pub async fn for_each(
+        mut self,
+        shutdown: CancellationToken,
+        mut apply: impl FnMut(Arc<T>, u64) + Send,
+    ) {
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                next = self.changed() => next,
+            };
+            match next {
+                Ok(value) => {
+                    let version = self.version();
+                    apply(value, version);
+                }
+                Err(e) => {
+                    tracing::warn!("config follow ended: {e}");
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// Parses a document's body into `T`. Unknown fields are an error even when `T` would ignore
@@ -144,6 +169,20 @@ impl Keeper {
         T: DeserializeOwned + JsonSchema + Default + Send + Sync + 'static,
     {
         self.config_inner(service, Arc::new(|_: &T| Ok(())), Some(T::default()))
+            .await
+    }
+
+    /// [`Keeper::config_or_default`] with a validation step after parsing: a document that fails
+    /// it is not applied and its error is reported under `/applied`, like a parse error.
+    pub async fn config_or_default_with<T>(
+        &self,
+        service: &str,
+        validate: impl Fn(&T) -> std::result::Result<(), String> + Send + Sync + 'static,
+    ) -> Result<ConfigHandle<T>>
+    where
+        T: DeserializeOwned + JsonSchema + Default + Send + Sync + 'static,
+    {
+        self.config_inner(service, Arc::new(validate), Some(T::default()))
             .await
     }
 

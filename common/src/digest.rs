@@ -3,8 +3,8 @@
 //! `digest = wrapping sum over the room's sessions in the slot of
 //! xxh3_64(app 0x00 user 0x00 conn_id(be64))`, sent with the session count. A sum is independent of
 //! order, so a room can compute it from a hash map and the register from a key scan; an add or a
-//! remove changes it by exactly one term. Rooms must compute it with [`session_hash`] (or the same
-//! formula) so both sides agree byte for byte.
+//! remove changes it by exactly one term. Room and register both compute it here, so they agree
+//! byte for byte; a client in another language must use the same formula.
 
 use xxhash_rust::xxh3::Xxh3;
 
@@ -22,16 +22,20 @@ pub fn session_hash(app: &str, user: &str, conn_id: u64) -> u64 {
 /// Accumulates a digest; the empty digest is `{digest: 0, count: 0}`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Digest {
+    /// Wrapping sum of the sessions' [`session_hash`] terms.
     pub digest: u64,
+    /// Number of sessions summed.
     pub count: u64,
 }
 
 impl Digest {
+    /// Adds one session's term.
     pub fn add(&mut self, app: &str, user: &str, conn_id: u64) {
         self.digest = self.digest.wrapping_add(session_hash(app, user, conn_id));
         self.count += 1;
     }
 
+    /// Removes one session's term (the inverse of [`Digest::add`]).
     pub fn remove(&mut self, app: &str, user: &str, conn_id: u64) {
         self.digest = self.digest.wrapping_sub(session_hash(app, user, conn_id));
         self.count = self.count.saturating_sub(1);
