@@ -1,8 +1,13 @@
-//! center's configuration: one struct, filled from flags or a TOML file (`config/center.toml`).
+//! center's configuration: the process settings from flags or a TOML file (`config/center.toml`),
+//! and the typed config `center` from the keeper, whose tunables every center applies live.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use std::sync::Arc;
+use std::sync::RwLock;
+
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde::Serialize;
 
@@ -37,8 +42,83 @@ pub struct CenterConfig {
     pub fanout: FanoutConfig,
 }
 
+/// Typed config `center`, pushed with `keeperctl config push center FILE`: the tunables of
+/// [`CenterConfig`], applied live by every center. Fields left out take the built-in defaults;
+/// until a document is pushed, each center uses its own file's values.
+///
+/// Live except `webhook.queue`, `webhook.concurrency`, `fanout.broadcast_keep_s` and
+/// `fanout.broadcast_history` (sizes fixed at start: they apply after a restart), and
+/// `fanout.room_inflight`, which applies to rooms a center starts calling after the change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct CenterTuning {
+    /// Largest accepted request body in bytes; larger bodies get 413 naming this limit.
+    pub max_body_bytes: usize,
+    /// How many room candidates `GET /v1/dispatch` returns.
+    pub dispatch_candidates: usize,
+    /// Delivery of uplinks and presence events to app webhooks.
+    pub webhook: WebhookConfig,
+    /// Calls toward rooms and registers.
+    pub fanout: FanoutConfig,
+}
+
+impl Default for CenterTuning {
+    fn default() -> Self {
+        CenterConfig::default().tuning()
+    }
+}
+
+impl CenterTuning {
+    /// Checks what serde cannot; the message names the offending field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_body_bytes < 1024 {
+            return Err(format!(
+                "max_body_bytes must be at least 1024, got {}",
+                self.max_body_bytes
+            ));
+        }
+        if self.dispatch_candidates == 0 {
+            return Err("dispatch_candidates must be at least 1".into());
+        }
+        if self.webhook.queue == 0 || self.webhook.concurrency == 0 {
+            return Err("webhook.queue and webhook.concurrency must be at least 1".into());
+        }
+        if self.webhook.max_attempts == 0 {
+            return Err("webhook.max_attempts must be at least 1".into());
+        }
+        if self.fanout.room_inflight == 0 {
+            return Err("fanout.room_inflight must be at least 1".into());
+        }
+        if self.fanout.default_ttl_s > self.fanout.max_ttl_s {
+            return Err("fanout.default_ttl_s must not exceed fanout.max_ttl_s".into());
+        }
+        Ok(())
+    }
+}
+
+/// A value that is read often and replaced rarely (a live config section).
+#[derive(Debug)]
+pub struct Live<T>(RwLock<Arc<T>>);
+
+impl<T> Live<T> {
+    /// Starts with `value`.
+    pub fn new(value: T) -> Self {
+        Live(RwLock::new(Arc::new(value)))
+    }
+
+    /// The current value.
+    pub fn get(&self) -> Arc<T> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the value; readers see it from their next `get`.
+    pub fn set(&self, value: T) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(value);
+    }
+}
+
 /// Webhook coordinator settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebhookConfig {
     /// Events waiting for delivery; when full, new events are dropped and counted
@@ -57,7 +137,7 @@ pub struct WebhookConfig {
 }
 
 /// Flow control and retries toward rooms and registers.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct FanoutConfig {
     /// RPCs in flight to one room at once; more wait their turn (a burst becomes queued work,
@@ -146,25 +226,28 @@ impl CenterConfig {
         if self.keeper.is_empty() {
             return Err("keeper needs at least one endpoint".into());
         }
-        if self.max_body_bytes < 1024 {
-            return Err("max_body_bytes must be at least 1024".into());
+        self.tuning().validate()
+    }
+
+    /// The tunable part, as the typed config `center` carries it.
+    pub fn tuning(&self) -> CenterTuning {
+        CenterTuning {
+            max_body_bytes: self.max_body_bytes,
+            dispatch_candidates: self.dispatch_candidates,
+            webhook: self.webhook.clone(),
+            fanout: self.fanout.clone(),
         }
-        if self.dispatch_candidates == 0 {
-            return Err("dispatch_candidates must be at least 1".into());
+    }
+
+    /// This config with the tunables replaced by `tuning`.
+    pub fn with_tuning(&self, tuning: &CenterTuning) -> CenterConfig {
+        CenterConfig {
+            max_body_bytes: tuning.max_body_bytes,
+            dispatch_candidates: tuning.dispatch_candidates,
+            webhook: tuning.webhook.clone(),
+            fanout: tuning.fanout.clone(),
+            ..self.clone()
         }
-        if self.webhook.queue == 0 || self.webhook.concurrency == 0 {
-            return Err("webhook.queue and webhook.concurrency must be at least 1".into());
-        }
-        if self.webhook.max_attempts == 0 {
-            return Err("webhook.max_attempts must be at least 1".into());
-        }
-        if self.fanout.room_inflight == 0 {
-            return Err("fanout.room_inflight must be at least 1".into());
-        }
-        if self.fanout.default_ttl_s > self.fanout.max_ttl_s {
-            return Err("fanout.default_ttl_s must not exceed fanout.max_ttl_s".into());
-        }
-        Ok(())
     }
 }
 

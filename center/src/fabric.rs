@@ -21,6 +21,7 @@ use tonic::transport::Channel;
 use tonic::transport::Endpoint;
 
 use crate::config::FanoutConfig;
+use crate::config::Live;
 use crate::error::Error;
 use crate::error::Result;
 use crate::rooms::Rooms;
@@ -52,7 +53,7 @@ struct Gate {
 
 /// Clients toward registers and rooms. Channels are created lazily and kept per address.
 pub struct Fabric {
-    config: FanoutConfig,
+    config: Live<FanoutConfig>,
     rooms: Rooms,
     registers: Registers,
     slots: Slots,
@@ -65,7 +66,7 @@ pub struct Fabric {
 impl Fabric {
     pub fn new(config: FanoutConfig, rooms: Rooms, registers: Registers, slots: Slots) -> Fabric {
         Fabric {
-            config,
+            config: Live::new(config),
             rooms,
             registers,
             slots,
@@ -74,8 +75,13 @@ impl Fabric {
         }
     }
 
+    /// Applies new flow-control settings; `room_inflight` applies to gates created after this.
+    pub fn set_config(&self, config: FanoutConfig) {
+        self.config.set(config);
+    }
+
     fn rpc_timeout(&self) -> Duration {
-        Duration::from_millis(self.config.rpc_timeout_ms)
+        Duration::from_millis(self.config.get().rpc_timeout_ms)
     }
 
     fn channel(&self, addr: &str) -> Result<Channel> {
@@ -233,7 +239,7 @@ impl Fabric {
             gates.retain(|id, _| live.iter().any(|r| &r.id == id));
         }
         let gate = Arc::new(Gate {
-            permits: Semaphore::new(self.config.room_inflight.max(1)),
+            permits: Semaphore::new(self.config.get().room_inflight.max(1)),
             waiting: AtomicUsize::new(0),
         });
         gates.insert(room_id.to_owned(), gate.clone());
@@ -255,12 +261,12 @@ impl Fabric {
             .and_then(|r| r.grpc.clone())
             .ok_or_else(|| Error::Unavailable(format!("room {room_id} is not live")))?;
         let gate = self.gate(room_id);
-        if gate.waiting.fetch_add(1, Ordering::AcqRel) >= self.config.room_waiters {
+        let waiters = self.config.get().room_waiters;
+        if gate.waiting.fetch_add(1, Ordering::AcqRel) >= waiters {
             gate.waiting.fetch_sub(1, Ordering::AcqRel);
             metrics::counter!("center_room_overload_total").increment(1);
             return Err(Error::Unavailable(format!(
-                "room {room_id} has {} calls waiting (fanout.room_waiters); retry later",
-                self.config.room_waiters
+                "room {room_id} has {waiters} calls waiting (fanout.room_waiters); retry later"
             )));
         }
         let permit = gate.permits.acquire().await;

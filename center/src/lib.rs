@@ -23,6 +23,7 @@ pub mod service;
 pub mod webhook;
 
 pub use config::CenterConfig;
+pub use config::CenterTuning;
 pub use error::Error;
 pub use error::Result;
 pub use server::run;

@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::CenterConfig;
+use crate::config::CenterTuning;
 use crate::error::Error;
 use crate::error::Result;
 use crate::grpc::Grpc;
@@ -98,8 +99,18 @@ pub async fn run(config: CenterConfig, shutdown: CancellationToken) -> Result<()
         .register("center", instance)
         .await
         .map_err(keeper_error)?;
+    let tuning = keeper
+        .config_or_default_with::<CenterTuning>("center", CenterTuning::validate)
+        .await
+        .map_err(keeper_error)?;
+    // Version 0: nothing pushed yet, the file's (or flags') values stand.
+    let config = match tuning.version() {
+        0 => config,
+        _ => config.with_tuning(&tuning.current()),
+    };
     tracing::info!(id = %config.id, http = %http_addr, grpc = %grpc_addr, "center serving");
     let center = Center::new(config, inputs, shutdown.clone());
+    tokio::spawn(follow_tuning(tuning, center.clone(), shutdown.clone()));
     let served = serve(center, listeners, crate::prometheus::install(), shutdown).await;
     if let Err(e) = registration.shutdown().await {
         tracing::warn!("deregistering: {e}");
@@ -160,34 +171,39 @@ pub async fn serve(
     result
 }
 
+/// Applies every new version of the typed config `center` (only versions that passed
+/// [`CenterTuning::validate`] arrive; the SDK reports the others under `/applied`).
+async fn follow_tuning(
+    handle: keeper_sdk::ConfigHandle<CenterTuning>,
+    center: Arc<Center>,
+    stop: CancellationToken,
+) {
+    handle
+        .for_each(stop, |tuning, version| {
+            let later = center.apply_tuning(&tuning);
+            tracing::info!(version, "center config applied");
+            if !later.is_empty() {
+                let later = later.join(", ");
+                tracing::warn!(
+                    version,
+                    "changed fields that apply after a restart: {later}"
+                );
+            }
+        })
+        .await;
+}
+
 /// Follows `apps`, discovery of `room` and `register`, and the slot map, each into a watch.
 pub async fn keeper_inputs(keeper: &Keeper, shutdown: &CancellationToken) -> Result<Inputs> {
-    let mut apps_handle = keeper
-        .config_or_default::<AppsConfig>("apps")
+    let apps_handle = keeper
+        .config_or_default_with::<AppsConfig>("apps", |a| a.validate().map_err(|e| e.to_string()))
         .await
         .map_err(keeper_error)?;
     let (apps_tx, apps) = watch::channel(apps_handle.current());
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        loop {
-            let next = tokio::select! {
-                _ = stop.cancelled() => return,
-                next = apps_handle.changed() => next,
-            };
-            match next {
-                Ok(apps) => {
-                    if let Err(e) = apps.validate() {
-                        tracing::warn!("apps config accepted despite: {e}");
-                    }
-                    apps_tx.send_replace(apps);
-                }
-                Err(e) => {
-                    tracing::warn!("apps config stream ended: {e}");
-                    return;
-                }
-            }
-        }
-    });
+    // Only documents that passed `validate` arrive; the SDK reports the others.
+    tokio::spawn(apps_handle.for_each(shutdown.clone(), move |apps, _| {
+        apps_tx.send_replace(apps);
+    }));
 
     let room_discovery = keeper.discover("room").await.map_err(keeper_error)?;
     let to_rooms = |list: &[InstanceInfo]| {

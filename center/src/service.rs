@@ -23,6 +23,8 @@ use crate::api::Target;
 use crate::broadcast::Broadcasts;
 use crate::broadcast::Progress;
 use crate::config::CenterConfig;
+use crate::config::CenterTuning;
+use crate::config::Live;
 use crate::dispatch;
 use crate::error::Error;
 use crate::error::Result;
@@ -63,7 +65,7 @@ pub enum PushOutcome {
 /// One center instance's state. Stateless with respect to the cluster: everything here is a
 /// cache or in-flight work.
 pub struct Center {
-    config: CenterConfig,
+    config: Live<CenterConfig>,
     apps: watch::Receiver<Arc<AppsConfig>>,
     rooms: Rooms,
     limiter: RateLimiter,
@@ -108,7 +110,7 @@ impl Center {
                 Duration::from_secs(config.fanout.broadcast_keep_s),
                 config.fanout.broadcast_history,
             ),
-            config,
+            config: Live::new(config),
             apps: inputs.apps,
             rooms: inputs.rooms,
             limiter: RateLimiter::default(),
@@ -120,8 +122,38 @@ impl Center {
         })
     }
 
-    pub fn config(&self) -> &CenterConfig {
-        &self.config
+    /// The current settings (the tunables change when the typed config `center` does).
+    pub fn config(&self) -> Arc<CenterConfig> {
+        self.config.get()
+    }
+
+    /// Applies a new version of the typed config `center`. Returns the changed fields that take
+    /// effect only after a restart (see [`CenterTuning`]).
+    pub fn apply_tuning(&self, tuning: &CenterTuning) -> Vec<&'static str> {
+        let old = self.config.get();
+        let mut later = Vec::new();
+        let (ow, nw) = (&old.webhook, &tuning.webhook);
+        let (of, nf) = (&old.fanout, &tuning.fanout);
+        for (field, changed) in [
+            ("webhook.queue", ow.queue != nw.queue),
+            ("webhook.concurrency", ow.concurrency != nw.concurrency),
+            (
+                "fanout.broadcast_keep_s",
+                of.broadcast_keep_s != nf.broadcast_keep_s,
+            ),
+            (
+                "fanout.broadcast_history",
+                of.broadcast_history != nf.broadcast_history,
+            ),
+        ] {
+            if changed {
+                later.push(field);
+            }
+        }
+        self.fabric.set_config(tuning.fanout.clone());
+        self.coordinator.set_config(tuning.webhook.clone());
+        self.config.set(old.with_tuning(tuning));
+        later
     }
 
     pub fn coordinator(&self) -> &Coordinator {
@@ -178,7 +210,7 @@ impl Center {
             return Err(Error::NotFound(format!("unknown app {app:?}")));
         }
         let rooms = self.rooms.borrow().clone();
-        let picked = dispatch::candidates(app, user, &rooms, self.config.dispatch_candidates);
+        let picked = dispatch::candidates(app, user, &rooms, self.config().dispatch_candidates);
         if picked.is_empty() {
             return Err(Error::Unavailable("no live room".into()));
         }
@@ -196,7 +228,7 @@ impl Center {
 
     /// A push of an authorized app.
     pub async fn push(&self, app: &App, request: PushRequest) -> Result<PushOutcome> {
-        let push = request.check(&self.config.fanout)?;
+        let push = request.check(&self.config().fanout)?;
         metrics::counter!("center_pushes_total", "qos" => push.qos.to_string()).increment(1);
         match push.target.clone() {
             Target::All => Ok(PushOutcome::Broadcast(self.broadcast(app, push))),
@@ -302,7 +334,7 @@ impl Center {
                 room.clone(),
                 app.id.clone(),
                 message.clone(),
-                self.config.fanout.broadcast_retries,
+                self.config().fanout.broadcast_retries,
                 self.shutdown.clone(),
             );
             self.tasks.spawn(task);

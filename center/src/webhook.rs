@@ -29,6 +29,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::Live;
 use crate::config::WebhookConfig;
 
 /// Header carrying the signature.
@@ -96,12 +97,19 @@ pub struct Stats {
 /// The producer side: cheap to clone, never blocks.
 #[derive(Clone)]
 pub struct Coordinator {
+    config: Arc<Live<WebhookConfig>>,
     queue: mpsc::Sender<Event>,
     apps: watch::Receiver<Arc<AppsConfig>>,
     stats: Arc<Stats>,
 }
 
 impl Coordinator {
+    /// Applies new delivery settings (attempts, backoff, timeout) to the next attempts; `queue`
+    /// and `concurrency` are fixed at start.
+    pub fn set_config(&self, config: WebhookConfig) {
+        self.config.set(config);
+    }
+
     /// Starts the delivery loop; it stops when `shutdown` is cancelled (events still queued are
     /// dropped then: the webhook contract is at least once while running, not durable).
     pub fn start(
@@ -111,12 +119,13 @@ impl Coordinator {
     ) -> (Coordinator, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(config.queue.max(1));
         let stats = Arc::new(Stats::default());
+        // The timeout is set per POST, so that a new `timeout_ms` applies live.
         let client = reqwest::Client::builder()
-            .timeout(Duration::from_millis(config.timeout_ms))
             .build()
             .expect("reqwest client without TLS always builds");
+        let config = Arc::new(Live::new(config));
         let worker = Worker {
-            config,
+            config: config.clone(),
             apps: apps.clone(),
             stats: stats.clone(),
             client,
@@ -125,6 +134,7 @@ impl Coordinator {
         let handle = tokio::spawn(worker.run(rx));
         (
             Coordinator {
+                config,
                 queue: tx,
                 apps,
                 stats,
@@ -189,7 +199,7 @@ pub fn verify(secret: &str, timestamp: u64, body: &[u8], signature: &str) -> boo
 }
 
 struct Worker {
-    config: WebhookConfig,
+    config: Arc<Live<WebhookConfig>>,
     apps: watch::Receiver<Arc<AppsConfig>>,
     stats: Arc<Stats>,
     client: reqwest::Client,
@@ -199,7 +209,7 @@ struct Worker {
 impl Worker {
     async fn run(self, mut rx: mpsc::Receiver<Event>) {
         let this = Arc::new(self);
-        let slots = Arc::new(Semaphore::new(this.config.concurrency.max(1)));
+        let slots = Arc::new(Semaphore::new(this.config.get().concurrency.max(1)));
         let mut tasks = JoinSet::new();
         loop {
             // Take a delivery slot before taking an event, so that while every slot is busy the
@@ -232,11 +242,18 @@ impl Worker {
                 return;
             }
         };
-        for attempt in 1..=self.config.max_attempts {
+        let mut attempt = 0;
+        loop {
+            // Read at every attempt: a new max_attempts, backoff or timeout applies to retries.
+            let config = self.config.get();
+            attempt += 1;
+            if attempt > config.max_attempts {
+                break;
+            }
             if attempt > 1 {
                 tokio::select! {
                     _ = self.shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(self.config.backoff(attempt)) => {}
+                    _ = tokio::time::sleep(config.backoff(attempt)) => {}
                 }
             }
             // Read the app at each attempt: a rotated secret or moved webhook applies to retries.
@@ -255,6 +272,7 @@ impl Worker {
             let sent = self
                 .client
                 .post(&url)
+                .timeout(Duration::from_millis(config.timeout_ms))
                 .header("content-type", "application/json")
                 .header(EVENT_HEADER, &event.id)
                 .header(TIMESTAMP_HEADER, timestamp)
