@@ -7,7 +7,8 @@
 #   scripts/cluster.sh down     # stop everything (SIGTERM, then SIGKILL after 10 s); data is kept
 #   scripts/cluster.sh clean    # down, then remove the data
 #
-# State (data, logs, pids) lives in ${LONGLINK_CLUSTER_DIR:-./cluster}. The ports are those of
+# State (data, logs, pids) lives in ${LONGLINK_CLUSTER_DIR:-./cluster}. With LONGLINK_BIN_DIR set
+# (the tests do), `up` uses the binaries there and neither installs nor builds anything. The ports are those of
 # `longlink dev` (keeper 7379, register 7300, room 7100-7102, center 8080-8081) plus neighbours for
 # the second and third instances, so `longlink listen/push` work against it unchanged; do not
 # run it next to `longlink dev`.
@@ -16,7 +17,7 @@ cd "$(dirname "$0")/.."
 
 dir="${LONGLINK_CLUSTER_DIR:-./cluster}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/longlink-target}"
-bin="$CARGO_TARGET_DIR/debug"
+bin="${LONGLINK_BIN_DIR:-$CARGO_TARGET_DIR/debug}"
 keepers="127.0.0.1:7379,127.0.0.1:7380,127.0.0.1:7381"
 
 log() { echo "cluster: $*" >&2; }
@@ -56,8 +57,11 @@ wait_for() {
 }
 
 up() {
-  scripts/setup.sh
-  cargo build --locked --bins -p keeper -p register -p room -p center -p keeperctl
+  if [[ -z ${LONGLINK_BIN_DIR:-} ]]; then
+    scripts/setup.sh
+    # The same crate set as scripts/test.sh and dev.sh, so RocksDB is built once (docs/decisions.md).
+    cargo build --workspace --all-targets --locked
+  fi
   mkdir -p "$dir"
   while IFS='|' read -r name cmd; do
     [[ $name == keeper-* ]] && start "$name" "$cmd"

@@ -9,6 +9,7 @@ packages=(
   etcd-client    # etcdctl: the keeper's compatibility tests drive it
   etcd-server    # etcd: the keeper benchmark's baseline
   iproute2 iptables  # jepsen-tests: network namespaces and partitions
+  curl               # scripts/cluster.sh health checks
   protobuf-compiler libprotobuf-dev  # protoc + well-known types for the etcd-client crate (tests only; our own protos use a vendored protoc)
 )
 
