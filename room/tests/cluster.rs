@@ -1,5 +1,5 @@
 //! room as a real process with a real keeper (and a real register): config and apps from the
-//! keeper applied live, registration in discovery, sessions in the register, drain.
+//! keeper applied live, registration in discovery, sessions in the register, digest repair, drain.
 //!
 //! Needs the `keeper` and `register` binaries built in the same target dir
 //! (`cargo build -p keeper -p register`); the room binary is built with these tests.
@@ -153,8 +153,8 @@ async fn start_register(keepers: &KeeperCluster, k: &Keeper, endpoint: &str) -> 
     (process, reg_addr)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keeper_config_is_live_and_sessions_live_in_the_register() {
+/// A one-node keeper with the test apps pushed: the cluster, a client and its endpoint.
+async fn keeper_with_apps() -> (KeeperCluster, Keeper, String) {
     let keepers = KeeperCluster::start(&testkit::bin("keeper"), 1, "")
         .await
         .unwrap();
@@ -163,6 +163,12 @@ async fn keeper_config_is_live_and_sessions_live_in_the_register() {
         .await
         .unwrap();
     push_config(&k, "apps", APPS).await;
+    (keepers, k, endpoint)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keeper_config_is_live_and_sessions_live_in_the_register() {
+    let (keepers, k, endpoint) = keeper_with_apps().await;
 
     let (_register, reg_addr) = start_register(&keepers, &k, &endpoint).await;
 
@@ -268,17 +274,26 @@ async fn keeper_config_is_live_and_sessions_live_in_the_register() {
     .unwrap();
     // A document that parses but fails validation (max_frame_bytes below 64) is not applied.
     push_config(&k, "room", "max_frame_bytes = 1\n").await;
-    wait_until(
+    let report = wait_until(
         "room-a processed version 2 of room",
         Duration::from_secs(20),
         || async {
             let kv = k.get("/applied/room/room-a").await.ok()??;
             let report: serde_json::Value = serde_json::from_slice(&kv.value).ok()?;
-            (report["version"].as_u64()? >= 2).then_some(())
+            (report["version"].as_u64()? >= 2).then_some(report)
         },
     )
     .await
     .unwrap();
+    // The refusal is reported where `keeperctl config push --wait` and `services` look.
+    assert_eq!(report["ok"], false, "{report}");
+    assert!(
+        report["error"]
+            .as_str()
+            .unwrap()
+            .contains("max_frame_bytes"),
+        "{report}"
+    );
     let (mut c, _) = login(&room.tcp, "carol")
         .await
         .expect("auth frames still fit");
@@ -296,14 +311,7 @@ async fn keeper_config_is_live_and_sessions_live_in_the_register() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_moves_clients_to_another_room_and_leaves_discovery() {
-    let keepers = KeeperCluster::start(&testkit::bin("keeper"), 1, "")
-        .await
-        .unwrap();
-    let endpoint = keepers.endpoints()[0].clone();
-    let k = Keeper::connect(std::slice::from_ref(&endpoint))
-        .await
-        .unwrap();
-    push_config(&k, "apps", APPS).await;
+    let (keepers, k, endpoint) = keeper_with_apps().await;
     let (_register, _) = start_register(&keepers, &k, &endpoint).await;
     let mut a = start_room(keepers.dir.path(), "room-a", &endpoint);
     let b = start_room(keepers.dir.path(), "room-b", &endpoint);
@@ -359,4 +367,69 @@ async fn drain_moves_clients_to_another_room_and_leaves_discovery() {
     .await
     .unwrap();
     let _ = &b.ws;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_the_register_lost_is_repaired_by_the_digest() {
+    let (keepers, k, endpoint) = keeper_with_apps().await;
+    // Rounds 2 s apart: the lookup right after the Detach below lands between two of them.
+    push_config(&k, "room", "digest_interval_s = 2\n").await;
+    let (_register, reg_addr) = start_register(&keepers, &k, &endpoint).await;
+    let room = start_room(keepers.dir.path(), "room-a", &endpoint);
+    let (_alice, welcome) = wait_until("login", Duration::from_secs(30), || {
+        login(&room.tcp, "alice")
+    })
+    .await
+    .unwrap();
+    let mut reg = RegisterClient::connect(format!("http://{reg_addr}"))
+        .await
+        .unwrap();
+    let sessions = |mut reg: RegisterClient<tonic::transport::Channel>| async move {
+        let r = reg
+            .lookup(registerpb::LookupRequest {
+                epoch: 0,
+                app: "demo".into(),
+                user: "alice".into(),
+            })
+            .await
+            .ok()?
+            .into_inner();
+        (r.result?.status == registerpb::Status::Ok as i32).then_some(r.sessions)
+    };
+    assert_eq!(sessions(reg.clone()).await.unwrap().len(), 1);
+
+    // The register loses the session behind the room's back (as after a lost Detach race or a
+    // restored backup); the room still holds the connection.
+    let kv = k.get("/register/slots").await.unwrap().unwrap();
+    let map: longlink_common::SlotMap = serde_json::from_slice(&kv.value).unwrap();
+    let detached = reg
+        .detach(registerpb::DetachRequest {
+            epoch: map.epoch,
+            sessions: vec![registerpb::SessionKey {
+                app: "demo".into(),
+                user: "alice".into(),
+                room_id: "room-a".into(),
+                conn_id: welcome.conn_id,
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(detached.results[0].status, registerpb::Status::Ok as i32);
+    assert!(sessions(reg.clone()).await.unwrap().is_empty());
+
+    // The next digest round sees the mismatch and re-syncs the slot.
+    let back = wait_until(
+        "the digest to restore alice's session",
+        Duration::from_secs(20),
+        || {
+            let reg = reg.clone();
+            async move { sessions(reg).await.filter(|s| !s.is_empty()) }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(back[0].conn_id, welcome.conn_id);
+    assert_eq!(back[0].room_id, "room-a");
+    drop(room);
 }
