@@ -1,6 +1,7 @@
 //! Tasks that keep a register's view current: the slot map (watch), the live rooms (discovery),
 //! the typed config, and the rebuild-timeout timer. Each runs until `shutdown`.
 
+use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +12,8 @@ use keeper_sdk::EventKind;
 use keeper_sdk::Keeper;
 use keeper_sdk::layout;
 use longlink_common::SlotMap;
+use longlink_proto::roompb;
+use longlink_proto::roompb::room_client::RoomClient;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RegisterConfig;
@@ -98,21 +101,72 @@ pub fn ids(discovery: &Discovery) -> BTreeSet<String> {
     discovery.instances().iter().map(|i| i.id.clone()).collect()
 }
 
-/// Follows the live rooms: departed rooms' sessions are dropped.
+/// How often a room that left discovery but still answers is probed again.
+const PROBE_EVERY: Duration = Duration::from_secs(2);
+/// How long a probe may take before the room counts as gone.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Whether the room's internal gRPC at `addr` answers `Stats` within [`PROBE_TIMEOUT`].
+async fn answers(addr: &str) -> bool {
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else {
+        return false;
+    };
+    let endpoint = endpoint
+        .connect_timeout(PROBE_TIMEOUT)
+        .timeout(PROBE_TIMEOUT);
+    let probe = async {
+        let channel = endpoint.connect().await.ok()?;
+        RoomClient::new(channel)
+            .stats(roompb::StatsRequest {})
+            .await
+            .ok()
+    };
+    matches!(
+        tokio::time::timeout(PROBE_TIMEOUT * 2, probe).await,
+        Ok(Some(_))
+    )
+}
+
+/// Follows the live rooms; rooms that are neither listed in discovery nor answering have their
+/// sessions dropped. A room whose lease expired while it still answers on its gRPC address (cut
+/// off from the keeper, not dead: its devices are still connected and it still detaches closed
+/// ones) keeps its sessions, probed every [`PROBE_EVERY`], until it stops answering or comes back.
 pub async fn rooms(mut discovery: Discovery, node: Arc<Node>, shutdown: CancellationToken) {
+    // The last grpc address seen for each room taken as live.
+    let mut addrs: BTreeMap<String, String> = BTreeMap::new();
+    let mut applied = ids(&discovery);
     loop {
+        let listed = discovery.instances();
+        for i in listed.iter() {
+            if let Some(a) = i.addrs.get("grpc") {
+                addrs.insert(i.id.clone(), a.clone());
+            }
+        }
+        let mut live: BTreeSet<String> = listed.iter().map(|i| i.id.clone()).collect();
+        let mut kept = false;
+        for (id, addr) in &addrs {
+            if !live.contains(id) && answers(addr).await {
+                tracing::warn!(room = %id, %addr, "room left discovery but answers: keeping its sessions");
+                live.insert(id.clone());
+                kept = true;
+            }
+        }
+        addrs.retain(|id, _| live.contains(id));
+        if live != applied {
+            applied = live.clone();
+            let node = node.clone();
+            let done = tokio::task::spawn_blocking(move || node.set_live_rooms(live)).await;
+            if let Ok(Err(e)) = done {
+                tracing::error!("dropping departed rooms: {e}");
+            }
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             r = discovery.changed() => if let Err(e) = r {
                 tracing::warn!("room discovery ended: {e}");
                 return;
-            }
-        }
-        let live = ids(&discovery);
-        let node = node.clone();
-        let done = tokio::task::spawn_blocking(move || node.set_live_rooms(live)).await;
-        if let Ok(Err(e)) = done {
-            tracing::error!("dropping departed rooms: {e}");
+            },
+            _ = tokio::time::sleep(PROBE_EVERY), if kept => {}
         }
     }
 }
