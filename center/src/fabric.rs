@@ -115,6 +115,10 @@ impl Fabric {
         let mut hints: HashMap<usize, (String, u64)> = HashMap::new();
         for round in 0..LOOKUP_ROUNDS {
             if round > 0 {
+                // Every user answered in the previous round: done, without the backoff.
+                if results.iter().all(Option::is_some) {
+                    break;
+                }
                 tokio::time::sleep(Duration::from_millis(25 << round.min(5))).await;
             }
             let map = self.slots.borrow().clone();
@@ -134,9 +138,6 @@ impl Fabric {
                 groups.entry(route).or_default().push(i);
             }
             if groups.is_empty() {
-                if results.iter().all(Option::is_some) {
-                    break;
-                }
                 continue;
             }
             let calls = groups.into_iter().map(|((owner, epoch), idx)| {

@@ -18,6 +18,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use longlink_client::Frame;
 use longlink_common::AppsConfig;
+use longlink_common::SLOTS;
 use longlink_common::slot_of;
 use longlink_proto::clientpb;
 use tokio::sync::mpsc;
@@ -50,15 +51,27 @@ pub trait Sessions: Send + Sync {
     fn detach(&self, session: SessionInfo);
 }
 
-/// One uplink frame, handed to the coordinator hook (center wires it to the app's webhook).
+/// What a device did, as the coordinator hook hears it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventKind {
+    /// An uplink frame's payload (JSON text by convention).
+    Uplink(Vec<u8>),
+    /// The session was welcomed.
+    Online,
+    /// The session ended, with why (`closed`, `closed_by_room`).
+    Offline(String),
+}
+
+/// One device event, handed to the coordinator hook ([`crate::coordinator`] reports it to
+/// center, which forwards it to the app's webhook).
 #[derive(Debug, Clone)]
-pub struct UplinkEvent {
+pub struct DeviceEvent {
     pub app: String,
     pub user: String,
     pub device: String,
     pub conn_id: u64,
-    pub payload: Vec<u8>,
     pub ts_ms: i64,
+    pub kind: EventKind,
 }
 
 /// A QoS 1 message sent or queued but not acked.
@@ -109,6 +122,10 @@ pub struct Stats {
     pub acks: AtomicU64,
     pub uplinks: AtomicU64,
     pub uplink_drops: AtomicU64,
+    /// Online/offline events dropped because the coordinator queue was full.
+    pub presence_drops: AtomicU64,
+    /// Events the coordinator gave up on after its bounded retries.
+    pub events_failed: AtomicU64,
     pub auth_failures: AtomicU64,
     pub slow_consumers: AtomicU64,
     pub queue_drops: AtomicU64,
@@ -128,9 +145,24 @@ impl Stats {
 #[derive(Default)]
 struct Registry {
     conns: HashMap<u64, Arc<Conn>>,
+    /// Authenticated connections whose Attach is in flight: in `by_slot` (a Sync of their slot
+    /// must not drop them from the register) but not reachable by pushes before `welcome`.
+    attaching: HashMap<u64, Arc<Conn>>,
     by_user: HashMap<(Arc<str>, Arc<str>), Vec<u64>>,
     by_app: HashMap<Arc<str>, HashSet<u64>>,
     by_slot: HashMap<u16, HashSet<u64>>,
+}
+
+impl Registry {
+    /// Removes `conn` from its slot's index.
+    fn unindex_slot(&mut self, conn: &Conn) {
+        if let Some(set) = self.by_slot.get_mut(&conn.slot) {
+            set.remove(&conn.id);
+            if set.is_empty() {
+                self.by_slot.remove(&conn.slot);
+            }
+        }
+    }
 }
 
 type ResumeKey = (String, String, String);
@@ -158,9 +190,14 @@ pub struct Hub {
     pub stats: Stats,
     limits: watch::Receiver<Arc<RoomLimits>>,
     apps: watch::Receiver<Arc<AppsConfig>>,
-    /// Bounded; a full queue drops the uplink and counts it in `uplink_drops`.
-    uplinks: Option<mpsc::Sender<UplinkEvent>>,
+    /// Device events for the coordinator. Bounded; a full queue drops the event and counts it
+    /// in `uplink_drops` or `presence_drops`, so a connection task never waits here.
+    events: Option<mpsc::Sender<DeviceEvent>>,
     sessions: RwLock<Option<Arc<dyn Sessions>>>,
+    /// Per slot, bumped whenever a session of the slot starts attaching or is removed: a Sync
+    /// whose snapshot is older than the last bump may have overwritten a newer Attach or Detach
+    /// at the register, and is sent again (see `registrar::sync_slot`).
+    slot_changes: Box<[AtomicU64]>,
 }
 
 pub fn now_ms() -> i64 {
@@ -175,7 +212,7 @@ impl Hub {
         room_id: String,
         limits: watch::Receiver<Arc<RoomLimits>>,
         apps: watch::Receiver<Arc<AppsConfig>>,
-        uplinks: Option<mpsc::Sender<UplinkEvent>>,
+        events: Option<mpsc::Sender<DeviceEvent>>,
     ) -> Arc<Hub> {
         // Ids start at the boot time in ms << 20, so a restarted room with the same id never
         // reuses a connection id a register may still hold for its previous life.
@@ -188,9 +225,19 @@ impl Hub {
             stats: Stats::default(),
             limits,
             apps,
-            uplinks,
+            events,
             sessions: RwLock::new(None),
+            slot_changes: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
         })
+    }
+
+    /// The change count of `slot` (see `slot_changes`); compare two readings around a Sync.
+    pub fn slot_version(&self, slot: u16) -> u64 {
+        self.slot_changes[usize::from(slot)].load(Ordering::SeqCst)
+    }
+
+    fn slot_changed(&self, slot: u16) {
+        self.slot_changes[usize::from(slot)].fetch_add(1, Ordering::SeqCst);
     }
 
     /// The limits in force now.
@@ -229,18 +276,34 @@ impl Hub {
         })
     }
 
-    /// Registers the session with the register (if wired).
-    pub async fn attach(&self, conn: &Conn) -> Result<(), String> {
-        match self.sessions() {
-            Some(s) => s.attach(conn.session()).await,
-            None => Ok(()),
+    /// Registers the session with the register (if wired). While the Attach is in flight the
+    /// session counts as this room's in its slot, so that a concurrent Sync of that slot (slot
+    /// moved, digest mismatch) carries it instead of replacing it away; [`Hub::insert`] then
+    /// makes it reachable, and a failed Attach forgets it.
+    pub async fn attach(&self, conn: &Arc<Conn>) -> Result<(), String> {
+        let Some(sessions) = self.sessions() else {
+            return Ok(());
+        };
+        {
+            let mut reg = self.reg.write().unwrap_or_else(|e| e.into_inner());
+            reg.attaching.insert(conn.id, conn.clone());
+            reg.by_slot.entry(conn.slot).or_default().insert(conn.id);
         }
+        self.slot_changed(conn.slot);
+        let attached = sessions.attach(conn.session()).await;
+        if attached.is_err() {
+            let mut reg = self.reg.write().unwrap_or_else(|e| e.into_inner());
+            reg.attaching.remove(&conn.id);
+            reg.unindex_slot(conn);
+        }
+        attached
     }
 
     /// Makes `conn` reachable by pushes, after its welcome is queued. Returns the unacked QoS 1
     /// messages of a resumed session, which the caller queues next.
     pub fn insert(&self, conn: &Arc<Conn>) {
         let mut reg = self.reg.write().unwrap_or_else(|e| e.into_inner());
+        reg.attaching.remove(&conn.id);
         reg.conns.insert(conn.id, conn.clone());
         reg.by_user
             .entry((conn.app.clone(), conn.user.clone()))
@@ -251,6 +314,8 @@ impl Hub {
             .or_default()
             .insert(conn.id);
         reg.by_slot.entry(conn.slot).or_default().insert(conn.id);
+        drop(reg);
+        self.presence(conn, EventKind::Online);
     }
 
     /// Takes the resumable pending messages of (app, user, device), if within the window.
@@ -310,13 +375,9 @@ impl Hub {
                 reg.by_app.remove(&conn.app);
             }
         }
-        if let Some(set) = reg.by_slot.get_mut(&conn.slot) {
-            set.remove(&conn.id);
-            if set.is_empty() {
-                reg.by_slot.remove(&conn.slot);
-            }
-        }
+        reg.unindex_slot(conn);
         drop(reg);
+        self.slot_changed(conn.slot);
         let pending = std::mem::take(&mut *conn.pending.lock().unwrap_or_else(|e| e.into_inner()));
         let window = self.limits().resume_window();
         if !pending.is_empty() && !window.is_zero() {
@@ -339,6 +400,13 @@ impl Hub {
         if let Some(s) = self.sessions() {
             s.detach(conn.session());
         }
+        // The room closed it (kick, slow consumer, protocol error) or the device went away.
+        let reason = if conn.outbox.is_closing() {
+            "closed_by_room"
+        } else {
+            "closed"
+        };
+        self.presence(conn, EventKind::Offline(reason.to_string()));
     }
 
     /// Drops resumable sessions whose window has passed; returns how many.
@@ -407,24 +475,47 @@ impl Hub {
         }
     }
 
-    /// Hands an uplink to the coordinator hook; a full queue drops it (counted).
+    /// Hands an uplink to the coordinator hook; a full queue (or no hook) drops it (counted).
     pub fn uplink(&self, conn: &Conn, payload: Vec<u8>) {
         Stats::add(&self.stats.uplinks, 1);
-        let ev = UplinkEvent {
+        if !self.report(conn, EventKind::Uplink(payload)) {
+            Stats::add(&self.stats.uplink_drops, 1);
+            metrics::counter!("room_uplink_drops_total").increment(1);
+        }
+    }
+
+    /// Hands an online/offline event to the coordinator hook, if one is wired; a full queue
+    /// drops it (counted).
+    fn presence(&self, conn: &Conn, kind: EventKind) {
+        if self.events.is_some() && !self.report(conn, kind) {
+            Stats::add(&self.stats.presence_drops, 1);
+            metrics::counter!("room_presence_drops_total").increment(1);
+        }
+    }
+
+    /// Queues an event without waiting. False when it was dropped: no hook, or the queue is
+    /// full. Events of an app without a webhook have nowhere to go and are skipped (true).
+    fn report(&self, conn: &Conn, kind: EventKind) -> bool {
+        let Some(tx) = &self.events else {
+            return false;
+        };
+        let wanted = self
+            .apps
+            .borrow()
+            .get(&conn.app)
+            .is_some_and(|a| a.webhook_url.is_some());
+        if !wanted {
+            return true;
+        }
+        tx.try_send(DeviceEvent {
             app: conn.app.to_string(),
             user: conn.user.to_string(),
             device: conn.device.to_string(),
             conn_id: conn.id,
-            payload,
             ts_ms: now_ms(),
-        };
-        let sent = self
-            .uplinks
-            .as_ref()
-            .is_some_and(|tx| tx.try_send(ev).is_ok());
-        if !sent {
-            Stats::add(&self.stats.uplink_drops, 1);
-        }
+            kind,
+        })
+        .is_ok()
     }
 
     fn conns_of_user(&self, app: &str, user: &str) -> Vec<Arc<Conn>> {
@@ -562,7 +653,7 @@ impl Hub {
             .get(&slot)
             .map(|ids| {
                 ids.iter()
-                    .filter_map(|i| reg.conns.get(i))
+                    .filter_map(|i| reg.conns.get(i).or_else(|| reg.attaching.get(i)))
                     .map(|c| c.session())
                     .collect()
             })

@@ -7,6 +7,7 @@ pub mod admission;
 pub mod auth;
 pub mod config;
 pub mod connection;
+pub mod coordinator;
 pub mod drain;
 pub mod error;
 pub mod grpc;
@@ -33,8 +34,8 @@ pub use config::RoomConfig;
 pub use config::RoomLimits;
 pub use error::Error;
 pub use error::Result;
+pub use hub::DeviceEvent;
 pub use hub::Hub;
-pub use hub::UplinkEvent;
 
 /// Where the live config comes from: the keeper (see [`sources`]) or a test's own channels.
 pub struct Sources {
@@ -45,8 +46,9 @@ pub struct Sources {
 /// Hooks other parts wire in.
 #[derive(Default)]
 pub struct Hooks {
-    /// Uplink frames go here (bounded; when full or absent they are dropped and counted).
-    pub uplinks: Option<mpsc::Sender<UplinkEvent>>,
+    /// Uplinks and online/offline events go here (bounded; a full queue drops and counts;
+    /// without it uplinks are dropped and counted, presence is not reported).
+    pub events: Option<mpsc::Sender<DeviceEvent>>,
     /// Where sessions are registered before `welcome` (the register); none = not registered.
     pub sessions: Option<Arc<dyn hub::Sessions>>,
 }
@@ -148,7 +150,7 @@ pub async fn serve(
         config.id.clone(),
         sources.limits,
         sources.apps,
-        hooks.uplinks,
+        hooks.events,
     );
     if let Some(s) = hooks.sessions {
         hub.set_sessions(s);
@@ -220,12 +222,16 @@ pub async fn run(config: RoomConfig, shutdown: CancellationToken) -> Result<()> 
     let registrar = registrar::start(keeper.clone(), config.id.clone(), shutdown.clone())
         .await
         .map_err(|e| Error::Keeper(format!("register routing: {e}")))?;
+    let (events, queued) = coordinator::channel();
     let hooks = Hooks {
-        uplinks: None,
+        events: Some(events),
         sessions: Some(registrar.clone()),
     };
     let running = serve(&config, bound, sources, hooks, shutdown.clone()).await?;
     registrar.spawn_sync(running.hub.clone(), shutdown.clone());
+    let reporter = coordinator::start(&keeper, running.hub.clone(), queued)
+        .await
+        .map_err(|e| Error::Keeper(format!("center discovery: {e}")))?;
     let drainer = tokio::spawn(drain::serve_commands(
         keeper.clone(),
         config.id.clone(),
@@ -235,7 +241,10 @@ pub async fn run(config: RoomConfig, shutdown: CancellationToken) -> Result<()> 
     shutdown.cancelled().await;
     drainer.abort();
     let _ = registration.shutdown().await;
-    running.wait().await?;
+    let waited = running.wait().await;
+    // After the connections closed, so that their offline events are reported too.
+    reporter.stop().await;
+    waited?;
     tracing::info!("room stopped");
     Ok(())
 }

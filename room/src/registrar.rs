@@ -452,6 +452,26 @@ async fn detach_loop(
 
 /// Replaces this room's sessions of `slot` at its owner. Returns whether it succeeded.
 async fn sync_slot(hub: &Hub, routes: &Routes, slot: u16) -> bool {
+    // A session that starts attaching (or closes) while a Sync is in flight may reach the
+    // register before the Sync's older snapshot replaces it away: send it again until no change
+    // happened around it. What still races after a few rounds is left to the next digest.
+    for _ in 0..SYNC_ROUNDS {
+        let before = hub.slot_version(slot);
+        if !sync_slot_once(hub, routes, slot).await {
+            return false;
+        }
+        if hub.slot_version(slot) == before {
+            return true;
+        }
+    }
+    true
+}
+
+/// Most Syncs of one slot in a row while its sessions keep changing.
+const SYNC_ROUNDS: usize = 4;
+
+/// Replaces this room's sessions of `slot` at its owner with a snapshot taken now.
+async fn sync_slot_once(hub: &Hub, routes: &Routes, slot: u16) -> bool {
     let map = routes.map();
     let Some(owner) = map.owner(slot) else {
         return false;
