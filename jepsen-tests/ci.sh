@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Short jepsen-tests run for CI: builds the keeper and the harness, runs the checkers' unit
-# tests, then 2 keeper runs of ~20 s with every nemesis. Exits non-zero on any anomaly, leaves
+# Short jepsen-tests run for CI: builds the workspace and the harness, runs the checkers' unit
+# tests (and short register / push runs), then 2 keeper runs of ~20 s with every nemesis and one
+# register run of ~20 s with every nemesis. The push workload is not part of CI yet: it still
+# finds QoS 1 losses around room pauses (docs/jepsen.md, "Known anomalies"). Exits non-zero on any anomaly, leaves
 # no namespace, link, rule or process behind, and prints how long it took.
 # Needs root (network namespaces, iptables). Override with JEPSEN_RUNS / JEPSEN_TIME.
 set -euo pipefail
@@ -25,6 +27,13 @@ status=0
   --nemesis partition,kill,pause,member \
   --keeper-bin "$CARGO_TARGET_DIR/debug/keeper" \
   --out "$out" || status=$?
+for workload in register; do
+  "$bin" "$workload" \
+    --runs 1 --time "${JEPSEN_TIME:-20}" \
+    --nemesis partition,kill,pause \
+    --bin-dir "$CARGO_TARGET_DIR/debug" \
+    --out "$out" || status=$?
+done
 # Belt and braces: remove anything a crashed harness left (only prefixes of dead harnesses).
 "$bin" cleanup >/dev/null || true
 

@@ -4,14 +4,10 @@
 //! A *slot* is a node's place (namespace, address, log file); its Raft id changes when the
 //! member nemesis removes it and adds it back as a new member with a fresh data dir.
 
-use std::fs::File;
-use std::io::Write;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::path::PathBuf;
 use std::process::Child;
 use std::process::Command;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 use std::time::Instant;
@@ -100,6 +96,13 @@ where
 impl Cluster {
     /// Starts one keeper per namespace of `net` as a new cluster; logs and data under `dir`.
     pub fn start(net: Arc<Network>, bin: &Path, dir: &Path) -> anyhow::Result<Self> {
+        let n = net.nodes.len();
+        Self::start_on(net, n, bin, dir)
+    }
+
+    /// Starts keepers in the first `n` namespaces of `net` only (the others hold the services
+    /// under test).
+    pub fn start_on(net: Arc<Network>, n: usize, bin: &Path, dir: &Path) -> anyhow::Result<Self> {
         if !bin.exists() {
             bail!(
                 "keeper binary {} not found; build it with `cd /work/main && CARGO_TARGET_DIR=/var/tmp/longlink-target cargo build -p keeper --bins` or pass --keeper-bin",
@@ -109,6 +112,7 @@ impl Cluster {
         let slots: Vec<Slot> = net
             .nodes
             .iter()
+            .take(n)
             .enumerate()
             .map(|(i, n)| Slot {
                 index: i,
@@ -147,19 +151,10 @@ impl Cluster {
 
     /// Starts slot `i`'s keeper inside its namespace.
     pub fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
-        let ns = self.net.nodes[i].ns.clone();
-        let ns_file = File::open(format!("/run/netns/{ns}"))
-            .with_context(|| format!("namespace {ns} is gone"))?;
         let slot = &mut self.slots[i];
         if slot.child.is_some() {
             return Ok(());
         }
-        let mut log = File::options().create(true).append(true).open(&slot.log)?;
-        writeln!(
-            log,
-            "=== jepsen-tests: starting keeper id {} (incarnation {}) in {ns} ===",
-            slot.raft_id, slot.incarnation
-        )?;
         let mut cmd = Command::new(&self.bin);
         cmd.arg("--id")
             .arg(slot.raft_id.to_string())
@@ -175,24 +170,17 @@ impl Cluster {
             cmd.args(["--initial-cluster", &self.initial]);
             cmd.args(["--initial-cluster-state", "new"]);
         }
-        cmd.stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .env(
-                "LONGLINK_LOG",
-                std::env::var("LONGLINK_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
-            );
-        // SAFETY: between fork and exec the closure only makes one syscall (setns) on a file
-        // opened before the fork; it allocates nothing and takes no locks.
-        unsafe {
-            cmd.pre_exec(move || {
-                nix::sched::setns(&ns_file, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(std::io::Error::from)
-            });
-        }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {}", self.bin.display()))?;
+        let what = format!(
+            "keeper id {} (incarnation {})",
+            slot.raft_id, slot.incarnation
+        );
+        let child = crate::net::spawn_in(
+            &self.net.nodes[i].ns,
+            &mut cmd,
+            &slot.log,
+            &what,
+            "info,openraft=warn",
+        )?;
         slot.child = Some(child);
         slot.paused = false;
         Ok(())

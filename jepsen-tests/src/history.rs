@@ -100,6 +100,181 @@ pub struct NemesisEvent {
 pub enum Entry {
     Op(Op),
     Nemesis(NemesisEvent),
+    /// A register-workload request (`jepsen-tests register`).
+    Session(SessionOp),
+    /// A slot map or register instance seen in the keeper (`jepsen-tests register`).
+    Keeper(KeeperEvent),
+    /// A push through center (`jepsen-tests push`).
+    Push(PushOp),
+    /// A device connecting, disconnecting or receiving (`jepsen-tests push`).
+    Device(DeviceEvent),
+}
+
+/// What a register-workload request did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionOpKind {
+    Attach,
+    Detach,
+    /// Replace a room's sessions in a slot (a write, like attach and detach).
+    Sync,
+    Lookup,
+}
+
+/// One request of a test room (attach, detach, sync) or of a lookup client to a register.
+///
+/// `outcome` follows the keeper workload: `ok` means the register answered `OK` (the write is
+/// applied, the lookup authoritative); `fail` means it certainly did nothing (another status, or
+/// the connection was refused); `unknown` means it may have been applied (timeout, lost
+/// connection).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionOp {
+    pub client: u64,
+    pub op: SessionOpKind,
+    /// The test room that sent it (empty for lookups).
+    #[serde(default)]
+    pub room: String,
+    #[serde(default)]
+    pub user: String,
+    /// Connection id within `room` (attach, detach).
+    #[serde(default)]
+    pub conn_id: u64,
+    pub slot: u16,
+    /// The register instance the request went to.
+    pub register: String,
+    /// The slot-map epoch the caller routed by.
+    pub epoch: u64,
+    pub call_time: u64,
+    pub return_time: u64,
+    pub outcome: Outcome,
+    /// The register's status: `ok`, `wrong_owner`, `unavailable`, `invalid`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// The epoch of the register's own map when it answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_epoch: Option<u64>,
+    /// Lookup: the sessions found, as `room/conn_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub found: Option<Vec<String>>,
+    /// Lookup: the slot was rebuilding (the answer may be partial).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rebuilding: bool,
+    /// Sync: how many sessions were sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sessions: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A change seen by the harness's watch on the keeper: a new slot map, or a register instance
+/// key appearing or disappearing. `revision` orders them exactly; `time` is when the harness saw
+/// it (never before it happened).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeeperEvent {
+    pub time: u64,
+    pub revision: i64,
+    /// `Some` for a slot map (`/register/slots`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub map: Option<MapRecord>,
+    /// `Some((id, present))` for `/instances/register/{id}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<(String, bool)>,
+}
+
+/// A slot map: `epoch` and the owner of every slot, run-length encoded as `(owner, count)`
+/// (a map is a few long runs, so a history line stays short).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapRecord {
+    pub epoch: u64,
+    pub runs: Vec<(String, u16)>,
+}
+
+impl MapRecord {
+    /// Encodes `slots[s]` = owner of slot `s`.
+    pub fn encode(epoch: u64, slots: &[String]) -> Self {
+        let mut runs: Vec<(String, u16)> = Vec::new();
+        for o in slots {
+            match runs.last_mut() {
+                Some((last, n)) if last == o => *n += 1,
+                _ => runs.push((o.clone(), 1)),
+            }
+        }
+        Self { epoch, runs }
+    }
+
+    /// The owner of every slot.
+    pub fn decode(&self) -> Vec<String> {
+        self.runs
+            .iter()
+            .flat_map(|(o, n)| std::iter::repeat_n(o.clone(), usize::from(*n)))
+            .collect()
+    }
+}
+
+/// One push through center's HTTP API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushOp {
+    pub client: u64,
+    pub user: String,
+    /// The unique value in the payload (`{"k": key, "to": user}`).
+    pub key: u64,
+    pub call_time: u64,
+    pub return_time: u64,
+    /// `ok`: 200; `fail`: refused (connection refused, 4xx, 5xx); `unknown`: no answer.
+    pub outcome: Outcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<u16>,
+    /// center's answer for an `ok` push.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<PushAnswer>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The counters of center's push answer (docs/api.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PushAnswer {
+    pub id: String,
+    pub sessions: u64,
+    pub users_online: u64,
+    pub users_offline: u64,
+    pub users_unknown: u64,
+    pub retrying: u64,
+}
+
+/// What happened to a device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "lowercase")]
+pub enum DeviceWhat {
+    /// `welcome` received. `incarnation` counts restarts of the room process (read after the
+    /// welcome, so a kill racing it can only make it larger).
+    Connected {
+        room: String,
+        conn_id: u64,
+        incarnation: u32,
+        resumed: u32,
+    },
+    /// The connection ended (closed by the room, error, or no pong in time).
+    Disconnected { reason: String },
+    /// A message arrived (and was acked). `to` and `key` come from the payload.
+    Received {
+        id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to: Option<String>,
+        qos: u32,
+    },
+}
+
+/// A device's event; a device is one user's one device and holds one connection at a time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceEvent {
+    pub time: u64,
+    pub user: String,
+    #[serde(flatten)]
+    pub what: DeviceWhat,
 }
 
 /// Collects the history of a run in memory and appends every entry to `history.jsonl` and
@@ -170,6 +345,11 @@ impl Recorder {
         self.push(Entry::Op(op));
     }
 
+    /// Records any entry (the register and push workloads' kinds).
+    pub fn entry(&self, entry: Entry) {
+        self.push(entry);
+    }
+
     pub fn nemesis(&self, fault: &str, action: &str, detail: impl Into<String>) {
         let event = NemesisEvent {
             time: self.now(),
@@ -226,7 +406,7 @@ pub fn ops(entries: &[Entry]) -> Vec<Op> {
         .iter()
         .filter_map(|e| match e {
             Entry::Op(op) => Some(op.clone()),
-            Entry::Nemesis(_) => None,
+            _ => None,
         })
         .collect()
 }
@@ -293,5 +473,74 @@ mod tests {
         }
         let log = std::fs::read_to_string(dir.path().join("nemesis.log")).unwrap();
         assert!(log.contains("partition") && log.contains("[1] | [2, 3]"));
+    }
+
+    #[test]
+    fn register_and_push_entries_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = Recorder::create(dir.path()).unwrap();
+        let owners: Vec<String> = (0..1024)
+            .map(|s| if s < 500 { "r1" } else { "r2" }.to_string())
+            .collect();
+        let map = MapRecord::encode(7, &owners);
+        assert_eq!(map.runs.len(), 2);
+        assert_eq!(map.decode(), owners);
+        rec.entry(Entry::Keeper(KeeperEvent {
+            time: 1,
+            revision: 9,
+            map: Some(map),
+            instance: None,
+        }));
+        rec.entry(Entry::Session(SessionOp {
+            client: 1,
+            op: SessionOpKind::Lookup,
+            room: String::new(),
+            user: "u1".into(),
+            conn_id: 0,
+            slot: 3,
+            register: "r1".into(),
+            epoch: 7,
+            call_time: 2,
+            return_time: 3,
+            outcome: Outcome::Ok,
+            status: Some("ok".into()),
+            answer_epoch: Some(7),
+            found: Some(vec!["room-a/4".into()]),
+            rebuilding: true,
+            sessions: None,
+            error: None,
+        }));
+        rec.entry(Entry::Device(DeviceEvent {
+            time: 4,
+            user: "u1".into(),
+            what: DeviceWhat::Received {
+                id: "m-1".into(),
+                key: Some(5),
+                to: Some("u1".into()),
+                qos: 1,
+            },
+        }));
+        rec.entry(Entry::Push(PushOp {
+            client: 2,
+            user: "u1".into(),
+            key: 5,
+            call_time: 1,
+            return_time: 2,
+            outcome: Outcome::Ok,
+            http_status: Some(200),
+            answer: Some(PushAnswer {
+                sessions: 1,
+                ..Default::default()
+            }),
+            error: None,
+        }));
+        rec.flush();
+        let back = load(&dir.path().join("history.jsonl")).unwrap();
+        assert_eq!(back, rec.entries());
+        let text = std::fs::read_to_string(dir.path().join("history.jsonl")).unwrap();
+        assert!(
+            text.contains(r#""type":"device","time":4,"user":"u1","event":"received""#),
+            "{text}"
+        );
     }
 }

@@ -7,13 +7,26 @@
 //! - [`nemesis`]: faults on a schedule, each recorded in the history.
 //! - [`workload`]: clients that record `{client, op, args, call_time, return_time, outcome}`.
 //! - [`checker`]: linearizability (WGL), watch and durability checkers.
-//! - [`run`]: one run end to end, and the summary of many.
+//! - [`report`]: what a run found, the steps every run shares, and the summary of many.
+//! - [`run`]: one keeper run end to end.
+//! - [`svc`], [`svcnemesis`], [`keeperio`]: register / room / center processes, faults on
+//!   them, and the harness's own keeper traffic.
+//! - [`regwork`], [`run_register`]: test rooms and lookups against registers (R1-R3).
+//! - [`pushwork`], [`run_push`]: devices and pushes through center (P1-P2).
 
 pub mod checker;
 pub mod cluster;
 pub mod guard;
 pub mod history;
+pub mod keeperio;
 pub mod nemesis;
 pub mod net;
+pub mod pushwork;
+pub mod regwork;
+pub mod report;
 pub mod run;
+pub mod run_push;
+pub mod run_register;
+pub mod svc;
+pub mod svcnemesis;
 pub mod workload;

@@ -1,5 +1,5 @@
 //! `jepsen-tests`: runs fault-injection tests against real Longlink processes and checks the
-//! recorded histories. Exit 0 = every run valid, 1 = an anomaly or error, 2 = usage / not yet.
+//! recorded histories. Exit 0 = every run valid, 1 = an anomaly or error, 2 = usage.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,11 +14,17 @@ use jepsen_tests::history;
 use jepsen_tests::nemesis::Fault;
 use jepsen_tests::nemesis::Schedule;
 use jepsen_tests::net;
+use jepsen_tests::report::RunReport;
+use jepsen_tests::report::summary;
 use jepsen_tests::run;
+use jepsen_tests::run_push;
+use jepsen_tests::run_register;
+use jepsen_tests::svc::ServiceRunConfig;
 use jepsen_tests::workload;
 use tokio_util::sync::CancellationToken;
 
 const DEFAULT_KEEPER: &str = "/var/tmp/longlink-target/debug/keeper";
+const DEFAULT_BIN_DIR: &str = "/var/tmp/longlink-target/debug";
 const DEFAULT_BROKEN_TARGET: &str = "/var/tmp/longlink-target-broken";
 
 #[derive(Debug, Parser)]
@@ -35,10 +41,10 @@ struct Cli {
 enum Cmd {
     /// keeper: register (linearizability), watch and durability workloads under faults.
     Keeper(KeeperArgs),
-    /// register failover (R1-R3): not built yet.
-    Register,
-    /// push delivery (P1-P2): not built yet.
-    Push,
+    /// register failover (R1-R3): test rooms and lookups against 3 registers under faults.
+    Register(RegisterArgs),
+    /// push delivery (P1-P2): devices and pushes through center under faults.
+    Push(PushArgs),
     /// Remove namespaces, links, rules and processes left by harnesses that are gone.
     Cleanup {
         /// Also remove those of harnesses that look alive.
@@ -56,6 +62,26 @@ enum Cmd {
     },
 }
 
+/// Flags every workload takes (same names and defaults).
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// Seconds between nemesis actions: MIN-MAX.
+    #[arg(long, default_value = "5-10")]
+    interval: String,
+    /// Output directory (a subdirectory per invocation is created inside).
+    #[arg(long, default_value = "/var/tmp/longlink-jepsen")]
+    out: PathBuf,
+    /// Keep the processes' data dirs after each run.
+    #[arg(long)]
+    keep_data: bool,
+    /// Seed of the first run (run i uses seed + i); default from the clock.
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+/// Flags of the keeper workload.
 #[derive(Debug, clap::Args)]
 struct KeeperArgs {
     /// Seconds of workload and faults per run.
@@ -64,8 +90,6 @@ struct KeeperArgs {
     /// Faults: partition,kill,pause,member (or all / none).
     #[arg(long, default_value = "partition,kill,pause,member")]
     nemesis: String,
-    #[arg(long, default_value_t = 1)]
-    runs: usize,
     /// Keeper nodes (each in its own network namespace).
     #[arg(long, default_value_t = 3)]
     nodes: usize,
@@ -80,9 +104,6 @@ struct KeeperArgs {
     /// Register keys.
     #[arg(long, default_value_t = 5)]
     keys: usize,
-    /// Seconds between nemesis actions: MIN-MAX.
-    #[arg(long, default_value = "5-10")]
-    interval: String,
     #[arg(long, default_value = DEFAULT_KEEPER)]
     keeper_bin: PathBuf,
     /// Build and test the keeper with the `unsafe-stale-reads` fault (reads skip ReadIndex) in
@@ -104,17 +125,279 @@ struct KeeperArgs {
     /// Time limit of the linearizability search per run; running out counts as a failure.
     #[arg(long, default_value_t = 120)]
     checker_timeout_s: u64,
-    /// Output directory (a subdirectory per invocation is created inside).
-    #[arg(long, default_value = "/var/tmp/longlink-jepsen")]
-    out: PathBuf,
-    /// Keep the nodes' data dirs after each run.
-    #[arg(long)]
-    keep_data: bool,
-    /// Seed of the first run (run i uses seed + i); default from the clock.
-    #[arg(long)]
-    seed: Option<u64>,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
+/// Flags shared by the register and push workloads.
+#[derive(Debug, clap::Args)]
+struct ServiceArgs {
+    /// Seconds of workload and faults per run.
+    #[arg(long, default_value_t = 20)]
+    time: u64,
+    /// Faults: partition,kill,pause (or all / none).
+    #[arg(long, default_value = "partition,kill,pause")]
+    nemesis: String,
+    /// Keeper nodes (1 or 3; never faulted by these workloads).
+    #[arg(long, default_value_t = 1)]
+    keepers: usize,
+    /// Directory holding the keeper, register, room and center binaries.
+    #[arg(long, default_value = DEFAULT_BIN_DIR)]
+    bin_dir: PathBuf,
+    /// Milliseconds before a client gives up on a request (outcome `unknown`).
+    #[arg(long, default_value_t = 2000)]
+    op_timeout_ms: u64,
+    /// Registers' instance lease TTL in seconds (bounds failover).
+    #[arg(long, default_value_t = 3)]
+    lease_ttl_s: u64,
+    /// Users the clients pick from.
+    #[arg(long, default_value_t = 50)]
+    users: usize,
+    /// Seconds after healing within which the system must have converged.
+    #[arg(long, default_value_t = 30)]
+    recovery_s: u64,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// Flags of the register workload.
+#[derive(Debug, clap::Args)]
+struct RegisterArgs {
+    #[command(flatten)]
+    common: ServiceArgs,
+    /// Open connections each of the two test rooms keeps, roughly.
+    #[arg(long, default_value_t = 40)]
+    sessions_per_room: usize,
+    /// Lookup clients.
+    #[arg(long, default_value_t = 3)]
+    lookup_clients: usize,
+    /// R2: seconds a closed connection's session may still be found.
+    #[arg(long, default_value_t = 10)]
+    r2_window_s: u64,
+}
+
+/// Flags of the push workload.
+#[derive(Debug, clap::Args)]
+struct PushArgs {
+    #[command(flatten)]
+    common: ServiceArgs,
+    /// Clients pushing QoS 1 messages through center.
+    #[arg(long, default_value_t = 2)]
+    pushers: usize,
+}
+
+/// The seed of the first run: `seed`, or else the clock's seconds.
+fn seed_or_clock(seed: Option<u64>) -> u64 {
+    seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    })
+}
+
+/// Creates the output directory `<out>/<kind>-<time>-<pid>`.
+fn out_dir(out: &std::path::Path, kind: &str) -> anyhow::Result<PathBuf> {
+    let stamp = seed_or_clock(None);
+    let dir = out.join(format!("{kind}-{stamp}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Says what an invocation of workload `kind` does and where its files go.
+fn announce(kind: &str, time: u64, nemesis: &str, out: &std::path::Path) {
+    eprintln!(
+        "jepsen-tests {kind}: {time}s per run, nemesis {nemesis}, output {}",
+        out.display()
+    );
+}
+
+/// Runs `runs` runs in one network of `nodes` namespaces, prints each verdict and the summary,
+/// and returns the reports (fewer than `runs` if interrupted). `one(network, run, seed)` runs
+/// one run. Namespaces or links that survive the network are an error.
+async fn run_many<F, Fut>(
+    kind: &str,
+    nodes: usize,
+    runs: usize,
+    seed: u64,
+    cancel: &CancellationToken,
+    one: F,
+) -> anyhow::Result<Vec<RunReport>>
+where
+    F: Fn(Arc<net::Network>, usize, u64) -> Fut,
+    Fut: std::future::Future<Output = RunReport>,
+{
+    let prefix = net::own_prefix();
+    guard::register(&prefix);
+    let network = Arc::new(net::Network::create(&prefix, nodes)?);
+    eprintln!("jepsen-tests {kind}: {runs} runs, {nodes} namespaces {prefix}n*");
+    let mut reports = Vec::new();
+    for r in 1..=runs {
+        if cancel.is_cancelled() {
+            break;
+        }
+        let run_seed = seed.wrapping_add(r as u64);
+        eprintln!("--- run {r}/{runs} (seed {run_seed}) ---");
+        network.heal().ok();
+        let report = one(network.clone(), r, run_seed).await;
+        print_verdict(&report);
+        reports.push(report);
+    }
+    drop(network);
+    let leftovers = net::namespaces(&prefix)?.len() + net::links(&prefix)?.len();
+    println!("{}", summary(&reports));
+    anyhow::ensure!(
+        leftovers == 0,
+        "{leftovers} namespaces/links named {prefix}* survived cleanup"
+    );
+    Ok(reports)
+}
+
+/// Prints one run's error, anomalies and verdict line.
+fn print_verdict(report: &RunReport) {
+    let r = report.run;
+    if let Some(e) = &report.error {
+        eprintln!("run {r}: ERROR: {e}");
+    }
+    for a in &report.anomalies {
+        eprintln!("run {r}: ANOMALY: {a}");
+    }
+    eprintln!(
+        "run {r}: {} ({} ops, {} faults) in {:.1}s; files in {}",
+        report.verdict(),
+        report.ops,
+        report.faults,
+        report.seconds,
+        report.dir.display()
+    );
+}
+
+/// Success only if all `runs` runs were carried out and every one was valid.
+fn exit_code(reports: &[RunReport], runs: usize) -> ExitCode {
+    if reports.len() < runs || reports.iter().any(RunReport::bad) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// For `--expect-anomaly`: success only if some run found a linearizability violation.
+fn expected_anomaly(reports: &[RunReport]) -> ExitCode {
+    let caught = reports.iter().any(|r| r.linearizability_violated);
+    println!(
+        "expected a linearizability anomaly: {}",
+        if caught { "caught" } else { "NOT caught" }
+    );
+    if caught {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// The nemesis schedule from `--nemesis` and `--interval`.
+fn schedule(nemesis: &str, interval: &str, seed: u64) -> anyhow::Result<Schedule> {
+    Ok(Schedule {
+        faults: Fault::parse_list(nemesis).map_err(anyhow::Error::msg)?,
+        interval: parse_interval(interval)?,
+        seed,
+    })
+}
+
+/// The schedule of a register or push run, after checking the flags those workloads share.
+fn service_schedule(a: &ServiceArgs, seed: u64) -> anyhow::Result<Schedule> {
+    let schedule = schedule(&a.nemesis, &a.run.interval, seed)?;
+    anyhow::ensure!(
+        !schedule.faults.contains(&Fault::Member),
+        "the member nemesis only applies to the keeper workload"
+    );
+    anyhow::ensure!(a.keepers == 1 || a.keepers == 3, "--keepers must be 1 or 3");
+    anyhow::ensure!(a.users >= 1, "--users must be at least 1");
+    Ok(schedule)
+}
+
+/// The settings register and push runs share, from their flags; creates the output directory.
+fn service_config(a: &ServiceArgs, kind: &str, seed: u64) -> anyhow::Result<ServiceRunConfig> {
+    Ok(ServiceRunConfig {
+        time: Duration::from_secs(a.time),
+        keepers: a.keepers,
+        bin_dir: a.bin_dir.clone(),
+        schedule: service_schedule(a, seed)?,
+        op_timeout: Duration::from_millis(a.op_timeout_ms),
+        lease_ttl_s: a.lease_ttl_s,
+        users: a.users,
+        recovery_limit: Duration::from_secs(a.recovery_s),
+        out: out_dir(&a.run.out, kind)?,
+        keep_data: a.run.keep_data,
+    })
+}
+
+/// Announces and carries out the runs of service workload `kind` (`services` namespaces
+/// after the keepers'); the exit code over all of them.
+async fn service_runs<F, Fut>(
+    kind: &str,
+    a: &ServiceArgs,
+    cfg: &ServiceRunConfig,
+    services: usize,
+    seed: u64,
+    cancel: &CancellationToken,
+    one: F,
+) -> anyhow::Result<ExitCode>
+where
+    F: Fn(Arc<net::Network>, usize, u64) -> Fut,
+    Fut: std::future::Future<Output = RunReport>,
+{
+    announce(kind, a.time, &a.nemesis, &cfg.out);
+    let nodes = a.keepers + services;
+    let reports = run_many(kind, nodes, a.run.runs, seed, cancel, one).await?;
+    Ok(exit_code(&reports, a.run.runs))
+}
+
+/// `jepsen-tests register`.
+async fn register(args: RegisterArgs, cancel: CancellationToken) -> anyhow::Result<ExitCode> {
+    let a = &args.common;
+    let seed = seed_or_clock(a.run.seed);
+    let cfg = &run_register::RegisterRunConfig {
+        common: service_config(a, "register", seed)?,
+        sessions_per_room: args.sessions_per_room,
+        lookup_clients: args.lookup_clients,
+        r2_window: Duration::from_secs(args.r2_window_s),
+    };
+    let services = run_register::REGISTERS;
+    service_runs(
+        "register",
+        a,
+        &cfg.common,
+        services,
+        seed,
+        &cancel,
+        |net, r, s| run_register::register_run(cfg, net, r, s, cancel.clone()),
+    )
+    .await
+}
+
+/// `jepsen-tests push`.
+async fn push(args: PushArgs, cancel: CancellationToken) -> anyhow::Result<ExitCode> {
+    let a = &args.common;
+    let seed = seed_or_clock(a.run.seed);
+    let cfg = &run_push::PushRunConfig {
+        common: service_config(a, "push", seed)?,
+        pushers: args.pushers,
+    };
+    let services = run_push::SERVICES;
+    service_runs(
+        "push",
+        a,
+        &cfg.common,
+        services,
+        seed,
+        &cancel,
+        |net, r, s| run_push::push_run(cfg, net, r, s, cancel.clone()),
+    )
+    .await
+}
+
+/// Parses `--interval MIN-MAX` (or a single number) in seconds.
 fn parse_interval(s: &str) -> anyhow::Result<(Duration, Duration)> {
     let (lo, hi) = s.split_once('-').unwrap_or((s, s));
     let lo: f64 = lo.trim().parse().context("--interval MIN-MAX in seconds")?;
@@ -154,8 +437,10 @@ fn build_broken(target: &std::path::Path) -> anyhow::Result<PathBuf> {
     Ok(target.join("debug/keeper"))
 }
 
+/// `jepsen-tests keeper`.
 async fn keeper(args: KeeperArgs, cancel: CancellationToken) -> anyhow::Result<ExitCode> {
-    let faults = Fault::parse_list(&args.nemesis).map_err(anyhow::Error::msg)?;
+    let seed = seed_or_clock(args.run.seed);
+    let schedule = schedule(&args.nemesis, &args.run.interval, seed)?;
     anyhow::ensure!(
         (1..=9).contains(&args.nodes),
         "--nodes {} out of range 1..=9",
@@ -167,20 +452,6 @@ async fn keeper(args: KeeperArgs, cancel: CancellationToken) -> anyhow::Result<E
     } else {
         args.keeper_bin.clone()
     };
-    let seed = args.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
-    });
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let out = args
-        .out
-        .join(format!("keeper-{stamp}-{}", std::process::id()));
-    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let cfg = run::KeeperRunConfig {
         time: Duration::from_secs(args.time),
         clients: args.clients,
@@ -188,85 +459,33 @@ async fn keeper(args: KeeperArgs, cancel: CancellationToken) -> anyhow::Result<E
         watchers: args.watchers,
         keys: args.keys,
         keeper_bin,
-        schedule: Schedule {
-            faults,
-            interval: parse_interval(&args.interval)?,
-            seed,
-        },
+        schedule,
         op_timeout: Duration::from_millis(args.op_timeout_ms),
         think: Duration::from_millis(args.think_ms),
         checker_limit: Duration::from_secs(args.checker_timeout_s),
         recovery_limit: Duration::from_secs(10),
-        out: out.clone(),
-        keep_data: args.keep_data,
+        out: out_dir(&args.run.out, "keeper")?,
+        keep_data: args.run.keep_data,
     };
-
-    let prefix = net::own_prefix();
-    guard::register(&prefix);
-    let network = Arc::new(net::Network::create(&prefix, args.nodes)?);
-    eprintln!(
-        "jepsen-tests keeper: {} runs of {}s, nemesis {}, {} nodes in namespaces {}n*, output {}",
-        args.runs,
-        args.time,
-        args.nemesis,
+    announce("keeper", args.time, &args.nemesis, &cfg.out);
+    let cfg = &cfg;
+    let reports = run_many(
+        "keeper",
         args.nodes,
-        prefix,
-        out.display()
-    );
-    let mut reports = Vec::new();
-    for r in 1..=args.runs {
-        if cancel.is_cancelled() {
-            break;
-        }
-        let run_seed = seed.wrapping_add(r as u64);
-        eprintln!("--- run {r}/{} (seed {run_seed}) ---", args.runs);
-        network.heal().ok();
-        let report = run::keeper_run(&cfg, network.clone(), r, run_seed, cancel.clone()).await;
-        if let Some(e) = &report.error {
-            eprintln!("run {r}: ERROR: {e}");
-        }
-        for a in &report.anomalies {
-            eprintln!("run {r}: ANOMALY: {a}");
-        }
-        eprintln!(
-            "run {r}: {} ({} ops, {} faults) in {:.1}s; files in {}",
-            report.verdict(),
-            report.ops,
-            report.faults,
-            report.seconds,
-            report.dir.display()
-        );
-        reports.push(report);
-    }
-    drop(network);
-    let leftovers = net::namespaces(&prefix)?.len() + net::links(&prefix)?.len();
-    println!("{}", run::summary(&reports));
-    anyhow::ensure!(
-        leftovers == 0,
-        "{leftovers} namespaces/links named {prefix}* survived cleanup"
-    );
-    let bad = reports
-        .iter()
-        .any(|r| r.error.is_some() || !r.anomalies.is_empty());
-    if args.expect_anomaly {
-        let caught = reports.iter().any(|r| r.linearizability_violated);
-        println!(
-            "expected a linearizability anomaly: {}",
-            if caught { "caught" } else { "NOT caught" }
-        );
-        return Ok(if caught {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        });
-    }
-    Ok(if bad || reports.len() < args.runs {
-        ExitCode::FAILURE
+        args.run.runs,
+        seed,
+        &cancel,
+        |net, r, s| run::keeper_run(cfg, net, r, s, cancel.clone()),
+    )
+    .await?;
+    Ok(if args.expect_anomaly {
+        expected_anomaly(&reports)
     } else {
-        ExitCode::SUCCESS
+        exit_code(&reports, args.run.runs)
     })
 }
 
+/// `jepsen-tests check`: re-checks a recorded history's register keys.
 fn check(path: &std::path::Path, limit: u64) -> anyhow::Result<ExitCode> {
     let entries = history::load(path)?;
     let ops = history::ops(&entries);
@@ -292,6 +511,30 @@ fn check(path: &std::path::Path, limit: u64) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// `jepsen-tests cleanup`: removes what harnesses left behind.
+fn cleanup(all: bool, prefix: Option<String>) -> anyhow::Result<ExitCode> {
+    let prefixes = match prefix {
+        Some(p) => {
+            anyhow::ensure!(
+                p.starts_with(net::PREFIX_ROOT),
+                "--prefix must start with {}",
+                net::PREFIX_ROOT
+            );
+            vec![p]
+        }
+        None => net::stale_prefixes(all)?,
+    };
+    if prefixes.is_empty() {
+        println!("nothing to clean up");
+    }
+    for p in prefixes {
+        for what in net::cleanup_prefix(&p)? {
+            println!("removed {what}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -302,37 +545,15 @@ async fn main() -> ExitCode {
             guard::cancel_on_signal(cancel.clone());
             keeper(args, cancel).await
         }
-        Cmd::Register | Cmd::Push => {
-            // TODO(issue 8): register failover (R1-R3: sessions survive kill -9 / pause /
-            // partition of registers) and push (P1-P2: QoS 1 at-least-once, never to the wrong
-            // user) need the register, room and center services, which are still being built.
-            eprintln!(
-                "jepsen-tests: not yet: this workload needs services that are not built yet (see docs/jepsen.md)"
-            );
-            return ExitCode::from(2);
+        Cmd::Register(args) => {
+            guard::cancel_on_signal(cancel.clone());
+            register(args, cancel).await
         }
-        Cmd::Cleanup { all, prefix } => (|| {
-            let prefixes = match prefix {
-                Some(p) => {
-                    anyhow::ensure!(
-                        p.starts_with(net::PREFIX_ROOT),
-                        "--prefix must start with {}",
-                        net::PREFIX_ROOT
-                    );
-                    vec![p]
-                }
-                None => net::stale_prefixes(all)?,
-            };
-            if prefixes.is_empty() {
-                println!("nothing to clean up");
-            }
-            for p in prefixes {
-                for what in net::cleanup_prefix(&p)? {
-                    println!("removed {what}");
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        })(),
+        Cmd::Push(args) => {
+            guard::cancel_on_signal(cancel.clone());
+            push(args, cancel).await
+        }
+        Cmd::Cleanup { all, prefix } => cleanup(all, prefix),
         Cmd::Check {
             history,
             checker_timeout_s,

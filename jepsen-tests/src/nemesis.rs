@@ -69,6 +69,81 @@ pub struct Schedule {
     pub seed: u64,
 }
 
+impl Schedule {
+    /// This schedule with the seed of one run.
+    pub fn with_seed(&self, seed: u64) -> Schedule {
+        Schedule {
+            seed,
+            ..self.clone()
+        }
+    }
+
+    /// Waits one random interval; false once `stop` fires (at once a schedule without faults
+    /// just waits for it).
+    pub async fn pace(&self, rng: &mut StdRng, stop: &CancellationToken) -> bool {
+        if self.faults.is_empty() {
+            stop.cancelled().await;
+            return false;
+        }
+        let (lo, hi) = self.interval;
+        let wait = if hi > lo {
+            rng.random_range(lo..=hi)
+        } else {
+            lo
+        };
+        tokio::select! {
+            _ = stop.cancelled() => false,
+            _ = tokio::time::sleep(wait) => true,
+        }
+    }
+}
+
+/// One scheduled nemesis action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Heal(Fault),
+    Start(Fault),
+}
+
+/// Picks the next action: heal an active fault (half the time, always when none is inactive)
+/// or start an inactive one, so faults overlap and combine. `None` without any fault.
+pub fn choose(rng: &mut StdRng, active: &[Fault], inactive: &[Fault]) -> Option<Action> {
+    let heal = !active.is_empty() && (inactive.is_empty() || rng.random_bool(0.5));
+    if heal {
+        Some(Action::Heal(active[rng.random_range(0..active.len())]))
+    } else if inactive.is_empty() {
+        None
+    } else {
+        Some(Action::Start(inactive[rng.random_range(0..inactive.len())]))
+    }
+}
+
+/// Records the outcome of starting fault `f` (`detail` or the error), counting it in `started`.
+pub fn record_start(rec: &Recorder, f: Fault, result: anyhow::Result<String>, started: &mut usize) {
+    match result {
+        Ok(detail) => {
+            *started += 1;
+            rec.nemesis(f.name(), "start", detail);
+        }
+        Err(e) => rec.nemesis(f.name(), "error", format!("{e:#}")),
+    }
+}
+
+/// Cancels the returned token after `time`, or as soon as `cancel` fires: how long the
+/// nemesis of a run acts.
+pub fn stop_after(time: Duration, cancel: &CancellationToken) -> CancellationToken {
+    let stop = CancellationToken::new();
+    let (token, cancel) = (stop.clone(), cancel.clone());
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::time::sleep(time) => {}
+            _ = cancel.cancelled() => {}
+        }
+        token.cancel();
+    });
+    stop
+}
+
 /// The nemesis's view of what it broke.
 #[derive(Debug, Default)]
 struct Active {
@@ -110,21 +185,7 @@ impl Nemesis {
     /// Acts every interval until `stop`, then returns (faults stay active: call
     /// [`Nemesis::heal_all`]).
     pub async fn run(&mut self, stop: CancellationToken) {
-        if self.schedule.faults.is_empty() {
-            stop.cancelled().await;
-            return;
-        }
-        loop {
-            let (lo, hi) = self.schedule.interval;
-            let wait = if hi > lo {
-                self.rng.random_range(lo..=hi)
-            } else {
-                lo
-            };
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
-            }
+        while self.schedule.pace(&mut self.rng, &stop).await {
             self.tick().await;
         }
     }
@@ -140,24 +201,16 @@ impl Nemesis {
 
     /// One scheduled action: heal an active fault or start an inactive one.
     async fn tick(&mut self) {
-        let faults = self.schedule.faults.clone();
-        let active: Vec<Fault> = faults
+        let (active, inactive): (Vec<Fault>, Vec<Fault>) = self
+            .schedule
+            .faults
             .iter()
             .copied()
-            .filter(|f| self.is_active(*f))
-            .collect();
-        let inactive: Vec<Fault> = faults
-            .iter()
-            .copied()
-            .filter(|f| !self.is_active(*f))
-            .collect();
-        let heal = !active.is_empty() && (inactive.is_empty() || self.rng.random_bool(0.5));
-        if heal {
-            let f = active[self.rng.random_range(0..active.len())];
-            self.heal(f).await;
-        } else {
-            let f = inactive[self.rng.random_range(0..inactive.len())];
-            self.start(f).await;
+            .partition(|f| self.is_active(*f));
+        match choose(&mut self.rng, &active, &inactive) {
+            Some(Action::Heal(f)) => self.heal(f).await,
+            Some(Action::Start(f)) => self.start(f).await,
+            None => {}
         }
     }
 
@@ -177,13 +230,7 @@ impl Nemesis {
             Fault::Pause => self.pause().await,
             Fault::Member => self.remove_member().await,
         };
-        match result {
-            Ok(detail) => {
-                self.faults_started += 1;
-                self.rec.nemesis(f.name(), "start", detail);
-            }
-            Err(e) => self.rec.nemesis(f.name(), "error", format!("{e:#}")),
-        }
+        record_start(&self.rec, f, result, &mut self.faults_started);
     }
 
     async fn partition(&mut self) -> anyhow::Result<String> {

@@ -6,8 +6,14 @@
 //! removed by prefix: [`cleanup_prefix`] is what the `cleanup` subcommand, the panic hook, the
 //! signal handler and [`Network`]'s `Drop` all call.
 
+use std::fs::File;
+use std::io::Write as _;
 use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt as _;
+use std::path::Path;
+use std::process::Child;
 use std::process::Command;
+use std::process::Stdio;
 use std::time::Duration;
 use std::time::Instant;
 
@@ -59,6 +65,38 @@ pub fn sh(program: &str, args: &[&str]) -> anyhow::Result<String> {
 }
 
 /// Runs `program args` inside namespace `ns`.
+/// Starts `cmd` inside namespace `ns`: stdin closed, stdout and stderr appended to `log` after a
+/// `=== jepsen-tests: starting {what} in {ns} ===` line, `LONGLINK_LOG` defaulting to `filter`.
+pub fn spawn_in(
+    ns: &str,
+    cmd: &mut Command,
+    log: &Path,
+    what: &str,
+    filter: &str,
+) -> anyhow::Result<Child> {
+    let ns_file = File::open(format!("/run/netns/{ns}"))
+        .with_context(|| format!("namespace {ns} is gone"))?;
+    let mut log = File::options().create(true).append(true).open(log)?;
+    writeln!(log, "=== jepsen-tests: starting {what} in {ns} ===")?;
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .env(
+            "LONGLINK_LOG",
+            std::env::var("LONGLINK_LOG").unwrap_or_else(|_| filter.into()),
+        );
+    // SAFETY: between fork and exec the closure only makes one syscall (setns) on a file
+    // opened before the fork; it allocates nothing and takes no locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sched::setns(&ns_file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from)
+        });
+    }
+    cmd.spawn()
+        .with_context(|| format!("cannot start {}", Path::new(cmd.get_program()).display()))
+}
+
 fn in_ns(ns: &str, program: &str, args: &[&str]) -> anyhow::Result<String> {
     let mut all = vec!["netns", "exec", ns, program];
     all.extend_from_slice(args);
@@ -147,11 +185,21 @@ impl Network {
     /// Drops packets from `src` arriving at `dst` (one direction). Established connections are
     /// cut too: the rule has no connection-state match.
     pub fn drop_from(&self, dst: usize, src: usize) -> anyhow::Result<()> {
-        let src_ip = self.nodes[src].ip.to_string();
+        self.drop_ip(dst, &self.nodes[src].ip.to_string())
+    }
+
+    /// Drops packets from the harness (the bridge address: clients, devices, test rooms)
+    /// arriving at `dst`.
+    pub fn drop_from_host(&self, dst: usize) -> anyhow::Result<()> {
+        self.drop_ip(dst, &self.host_ip.to_string())
+    }
+
+    /// Adds the DROP rule for packets from `src_ip` at `dst`.
+    fn drop_ip(&self, dst: usize, src_ip: &str) -> anyhow::Result<()> {
         in_ns(
             &self.nodes[dst].ns,
             "iptables",
-            &["-w", "-A", "INPUT", "-s", &src_ip, "-j", "DROP"],
+            &["-w", "-A", "INPUT", "-s", src_ip, "-j", "DROP"],
         )?;
         Ok(())
     }

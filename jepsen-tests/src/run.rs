@@ -1,6 +1,6 @@
 //! One keeper run end to end: start a fresh cluster in the namespaces, run the workloads under
 //! the nemesis, heal, read everything back (also after kill -9 of every node), check, and write
-//! the verdict. Plus the summary table over many runs.
+//! the verdict.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -12,7 +12,6 @@ use std::time::Instant;
 
 use anyhow::Context;
 use etcd_client::GetOptions;
-use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -27,7 +26,10 @@ use crate::history::Outcome;
 use crate::history::Recorder;
 use crate::nemesis::Nemesis;
 use crate::nemesis::Schedule;
+use crate::nemesis::stop_after;
 use crate::net::Network;
+use crate::report;
+use crate::report::RunReport;
 use crate::workload;
 use crate::workload::Ctx;
 
@@ -51,39 +53,6 @@ pub struct KeeperRunConfig {
     pub keep_data: bool,
 }
 
-/// What one run found.
-#[derive(Debug, Clone, Serialize)]
-pub struct RunReport {
-    pub run: usize,
-    pub dir: PathBuf,
-    pub seed: u64,
-    pub ops: usize,
-    pub ok: usize,
-    pub fail: usize,
-    pub unknown: usize,
-    pub faults: usize,
-    pub watch_events: usize,
-    /// Property violations (empty = valid).
-    pub anomalies: Vec<String>,
-    /// The run could not be carried out (harness or environment problem).
-    pub error: Option<String>,
-    /// Whether the linearizability checker found a violation (what `--expect-anomaly` wants).
-    pub linearizability_violated: bool,
-    pub seconds: f64,
-}
-
-impl RunReport {
-    pub fn verdict(&self) -> &'static str {
-        if self.error.is_some() {
-            "ERROR"
-        } else if self.anomalies.is_empty() {
-            "valid"
-        } else {
-            "ANOMALY"
-        }
-    }
-}
-
 /// Runs one keeper test in `net`; never panics on cluster misbehaviour (that is an anomaly).
 pub async fn keeper_run(
     cfg: &KeeperRunConfig,
@@ -92,51 +61,13 @@ pub async fn keeper_run(
     seed: u64,
     cancel: CancellationToken,
 ) -> RunReport {
-    let dir = cfg.out.join(format!("run-{run}"));
-    let started = Instant::now();
-    let mut report = RunReport {
-        run,
-        dir: dir.clone(),
-        seed,
-        ops: 0,
-        ok: 0,
-        fail: 0,
-        unknown: 0,
-        faults: 0,
-        watch_events: 0,
-        anomalies: Vec::new(),
-        error: None,
-        linearizability_violated: false,
-        seconds: 0.0,
+    let drive = async |rec: &Recorder, report: &mut RunReport| {
+        drive(cfg, net, seed, rec, report, cancel).await
     };
-    let rec = match std::fs::create_dir_all(&dir)
-        .map_err(anyhow::Error::from)
-        .and_then(|_| Recorder::create(&dir))
-    {
-        Ok(r) => r,
-        Err(e) => {
-            report.error = Some(format!("cannot create {}: {e:#}", dir.display()));
-            return report;
-        }
-    };
-    if let Err(e) = drive(cfg, net, seed, &rec, &mut report, cancel).await {
-        report.error = Some(format!("{e:#}"));
-    }
-    rec.flush();
-    report.seconds = started.elapsed().as_secs_f64();
-    let ops = history::ops(&rec.entries());
-    report.ops = ops.len();
-    report.ok = ops.iter().filter(|o| o.outcome == Outcome::Ok).count();
-    report.fail = ops.iter().filter(|o| o.outcome == Outcome::Fail).count();
-    report.unknown = ops.iter().filter(|o| o.outcome == Outcome::Unknown).count();
-    if let Ok(mut f) = std::fs::File::create(dir.join("verdict.json")) {
-        let _ = writeln!(
-            f,
-            "{}",
-            serde_json::to_string_pretty(&report).unwrap_or_default()
-        );
-    }
-    report
+    report::carry_out(&cfg.out, run, seed, drive, |report, entries| {
+        report.count(history::ops(entries).iter().map(|o| o.outcome));
+    })
+    .await
 }
 
 async fn drive(
@@ -207,25 +138,8 @@ async fn drive(
     let _abort_watchers = abort_watchers.clone().drop_guard();
 
     // Nemesis.
-    let schedule = Schedule {
-        seed,
-        ..cfg.schedule.clone()
-    };
-    let mut nemesis = Nemesis::new(cluster, rec.clone(), schedule);
-    let stop_nemesis = CancellationToken::new();
-    {
-        let stop = stop_nemesis.clone();
-        let time = cfg.time;
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = tokio::time::sleep(time) => {}
-                _ = cancel.cancelled() => {}
-            }
-            stop.cancel();
-        });
-    }
-    nemesis.run(stop_nemesis).await;
+    let mut nemesis = Nemesis::new(cluster, rec.clone(), cfg.schedule.with_seed(seed));
+    nemesis.run(stop_after(cfg.time, &cancel)).await;
     report.faults = nemesis.faults_started;
     rec.nemesis("phase", "info", "time is up: stopping clients");
     stop_clients.cancel();
@@ -296,7 +210,7 @@ async fn drive(
         }
     }
     abort_watchers.cancel();
-    report.watch_events = logs.iter().map(|l| l.events.len()).sum();
+    report.events = logs.iter().map(|l| l.events.len()).sum();
     write_watch_log(&report.dir, &logs);
 
     let ops_now = history::ops(&rec.entries());
@@ -521,35 +435,4 @@ fn write_watch_log(dir: &std::path::Path, logs: &[checker::watch::WatcherLog]) {
     for l in logs {
         let _ = writeln!(f, "{}", serde_json::to_string(l).unwrap_or_default());
     }
-}
-
-/// The table printed after all runs.
-pub fn summary(reports: &[RunReport]) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:>4} {:>7} {:>7} {:>6} {:>8} {:>7} {:>8} {:>8}  verdict",
-        "run", "ops", "ok", "fail", "unknown", "faults", "events", "secs"
-    );
-    for r in reports {
-        let _ = writeln!(
-            out,
-            "{:>4} {:>7} {:>7} {:>6} {:>8} {:>7} {:>8} {:>8.1}  {}{}",
-            r.run,
-            r.ops,
-            r.ok,
-            r.fail,
-            r.unknown,
-            r.faults,
-            r.watch_events,
-            r.seconds,
-            r.verdict(),
-            if r.anomalies.is_empty() && r.error.is_none() {
-                String::new()
-            } else {
-                format!(" ({})", r.dir.display())
-            }
-        );
-    }
-    out
 }

@@ -1,8 +1,9 @@
 //! The harness against the real system: namespaces and partitions are real and removed on every
-//! exit path, a short keeper run under partitions is valid, and (ignored: needs a ~15 min build)
+//! exit path, short keeper / register / push runs under faults are valid, and (ignored: needs a ~15 min build)
 //! the harness catches a keeper whose reads skip ReadIndex. Needs root.
 
 use std::path::Path;
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -87,13 +88,91 @@ fn partitions_are_real_and_everything_is_removed_on_drop() {
     assert_eq!(status.signal(), Some(9), "{status:?}");
 }
 
-#[test]
-fn not_yet_workloads_exit_2() {
-    for workload in ["register", "push"] {
-        let out = Command::new(HARNESS).arg(workload).output().unwrap();
-        assert_eq!(out.status.code(), Some(2), "{workload}");
-        assert!(String::from_utf8_lossy(&out.stderr).contains("not yet"));
+/// Runs `jepsen-tests <args> --out <a temp dir>` and returns its stdout, its stderr and the
+/// directory of its first run (and the temp dir holding it), after asserting it exited 0.
+fn harness_run(args: &[&str]) -> (String, String, PathBuf, tempfile::TempDir) {
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = Command::new(HARNESS)
+        .args(args)
+        .arg("--out")
+        .arg(out_dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let run = std::fs::read_dir(out_dir.path())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("run-1");
+    (stdout, stderr, run, out_dir)
+}
+
+/// Runs `<workload> --time 8` with `nemesis` every 2-3 s (plus `extra` flags); asserts a valid
+/// verdict, the fault injected and healed, and the evidence files (`files` besides the history,
+/// nemesis log, verdict and keeper log). The binary itself fails on leftover namespaces.
+fn short_run(workload: &str, nemesis: &str, extra: &[&str], files: &[&str]) {
+    let mut args = vec![
+        workload,
+        "--time",
+        "8",
+        "--nemesis",
+        nemesis,
+        "--interval",
+        "2-3",
+    ];
+    args.extend(extra);
+    let (stdout, stderr, run, _out_dir) = harness_run(&args);
+    assert!(stdout.contains("valid"), "{stdout}");
+    assert!(
+        stderr.contains(&format!("{nemesis} start")),
+        "no fault injected: {stderr}"
+    );
+    let always = [
+        "history.jsonl",
+        "nemesis.log",
+        "verdict.json",
+        "keeper-n1.log",
+    ];
+    for file in always.iter().chain(files) {
+        assert!(
+            run.join(file).exists(),
+            "{file} missing in {}",
+            run.display()
+        );
     }
+    let nemesis_log = std::fs::read_to_string(run.join("nemesis.log")).unwrap();
+    assert!(
+        nemesis_log.contains(nemesis) && nemesis_log.contains("heal"),
+        "{nemesis_log}"
+    );
+}
+
+/// Asserts the workspace binaries the service workloads start are built.
+fn assert_service_bins() {
+    let bin_dir = Path::new(KEEPER).parent().unwrap();
+    for bin in ["keeper", "register", "room", "center"] {
+        assert!(
+            bin_dir.join(bin).exists(),
+            "build the workspace first: cd /work/main && cargo build --workspace --all-targets --locked"
+        );
+    }
+}
+
+#[test]
+fn short_register_run_under_kills_is_valid() {
+    assert_service_bins();
+    short_run("register", "kill", &[], &["r1.log", "r2.log", "r3.log"]);
+}
+
+#[test]
+#[ignore = "finds a known QoS 1 loss around room pauses (docs/jepsen.md, Known anomalies); run with --ignored"]
+fn short_push_run_under_pauses_is_valid() {
+    assert_service_bins();
+    short_run("push", "pause", &[], &["room-1.log", "center-1.log"]);
 }
 
 #[test]
@@ -102,54 +181,12 @@ fn short_keeper_run_under_partitions_is_valid_and_leaves_nothing() {
         Path::new(KEEPER).exists(),
         "build the keeper first: cd /work/main && cargo build -p keeper --bins"
     );
-    let out_dir = tempfile::tempdir().unwrap();
-    let out = Command::new(HARNESS)
-        .args([
-            "keeper",
-            "--time",
-            "8",
-            "--nemesis",
-            "partition",
-            "--interval",
-            "2-3",
-            "--keeper-bin",
-            KEEPER,
-            "--out",
-        ])
-        .arg(out_dir.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
-    assert!(stdout.contains("valid"), "{stdout}");
-    assert!(
-        stderr.contains("partition start"),
-        "no fault injected: {stderr}"
+    short_run(
+        "keeper",
+        "partition",
+        &["--keeper-bin", KEEPER],
+        &["watch.jsonl"],
     );
-    // The run left its evidence.
-    let run = std::fs::read_dir(out_dir.path())
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path()
-        .join("run-1");
-    for file in [
-        "history.jsonl",
-        "nemesis.log",
-        "verdict.json",
-        "watch.jsonl",
-        "keeper-n1.log",
-    ] {
-        assert!(
-            run.join(file).exists(),
-            "{file} missing in {}",
-            run.display()
-        );
-    }
-    let nemesis = std::fs::read_to_string(run.join("nemesis.log")).unwrap();
-    assert!(nemesis.contains("partition") && nemesis.contains("heal"));
 }
 
 /// Builds the keeper with `unsafe-stale-reads` (~15 min the first time) and checks the harness
@@ -157,26 +194,17 @@ fn short_keeper_run_under_partitions_is_valid_and_leaves_nothing() {
 #[test]
 #[ignore]
 fn broken_keeper_stale_reads_are_caught() {
-    let out_dir = tempfile::tempdir().unwrap();
-    let out = Command::new(HARNESS)
-        .args([
-            "keeper",
-            "--broken-keeper",
-            "--expect-anomaly",
-            "--time",
-            "20",
-            "--nemesis",
-            "partition,pause",
-            "--interval",
-            "3-5",
-            "--out",
-        ])
-        .arg(out_dir.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let (stdout, stderr, _, _out_dir) = harness_run(&[
+        "keeper",
+        "--broken-keeper",
+        "--expect-anomaly",
+        "--time",
+        "20",
+        "--nemesis",
+        "partition,pause",
+        "--interval",
+        "3-5",
+    ]);
     assert!(
         stdout.contains("expected a linearizability anomaly: caught"),
         "{stdout}"

@@ -3,5 +3,7 @@
 
 pub mod durability;
 pub mod linearizable;
+pub mod push;
 pub mod register;
+pub mod sessions;
 pub mod watch;
