@@ -3,7 +3,10 @@
 //!   connect rate and, given the room's pid, its RSS per connection.
 //! - `fanout`: holds N connections of one app, broadcasts through the room's gRPC and measures
 //!   deliveries/s and the time until every connection has the message.
-//! - `storm`: N clients connect and authenticate at once: handshakes/s.
+//! - `storm`: N clients connect and authenticate at once: handshakes/s, against a baseline of N
+//!   bare TCP connects to the same listener in the same run.
+//!
+//! Every mode prints one human line per result, or one JSON object with `--json`.
 
 use std::net::IpAddr;
 use std::net::SocketAddr;
@@ -40,6 +43,13 @@ struct Cli {
     /// Connections in flight at once while connecting.
     #[arg(long, default_value_t = 256)]
     concurrency: usize,
+    /// User ids are `{user_prefix}-{i}`: give each bench process its own prefix so that
+    /// processes never share a user.
+    #[arg(long, default_value = "bench")]
+    user_prefix: String,
+    /// Print one JSON object per result instead of text.
+    #[arg(long)]
+    json: bool,
     #[command(subcommand)]
     mode: Mode,
 }
@@ -95,13 +105,49 @@ async fn connect_one(cli: &Cli, i: usize) -> anyhow::Result<Connection> {
     let mut c = Connection::from_tcp(stream)?;
     let token = longlink_client::token(
         &cli.app,
-        &format!("bench-{i}"),
+        &format!("{}-{i}", cli.user_prefix),
         Some("bench"),
         &cli.secret,
         Duration::from_secs(3600),
     );
     c.auth(&token).await?;
     Ok(c)
+}
+
+/// Opens `n` bare TCP connections (no auth) with the same concurrency and source addresses as
+/// [`connect_many`], closing each at once: the kernel-and-accept baseline for `storm`.
+async fn tcp_baseline(cli: &Arc<Cli>, n: usize) -> anyhow::Result<Duration> {
+    let sem = Arc::new(Semaphore::new(cli.concurrency));
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let permit = sem.clone().acquire_owned().await?;
+        let cli = cli.clone();
+        tasks.push(tokio::spawn(async move {
+            let src = cli.sources[i % cli.sources.len()];
+            let socket = match src {
+                IpAddr::V4(_) => TcpSocket::new_v4()?,
+                IpAddr::V6(_) => TcpSocket::new_v6()?,
+            };
+            socket.bind(SocketAddr::new(src, 0))?;
+            let stream = socket.connect(cli.addr).await;
+            drop(permit);
+            stream.map(drop)
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(started.elapsed())
+}
+
+/// Prints `text`, or `json` with `--json`.
+fn report(cli: &Cli, text: String, json: serde_json::Value) {
+    if cli.json {
+        println!("{json}");
+    } else {
+        println!("{text}");
+    }
 }
 
 /// Connects `n` clients with bounded concurrency; returns them and the elapsed time.
@@ -136,18 +182,23 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let before = room_pid.and_then(rss_kib);
             let (conns, took) = connect_many(&cli, *n).await?;
-            println!(
-                "conns: {n} authenticated in {:.2?} ({:.0}/s)",
-                took,
-                *n as f64 / took.as_secs_f64()
+            let rate = *n as f64 / took.as_secs_f64();
+            report(
+                &cli,
+                format!("conns: {n} authenticated in {took:.2?} ({rate:.0}/s)"),
+                serde_json::json!({"mode": "conns", "n": n, "connect_s": took.as_secs_f64(), "connects_per_s": rate}),
             );
             // Let the room settle (handshake buffers freed) before measuring.
             tokio::time::sleep(Duration::from_secs(*hold_s)).await;
             if let (Some(pid), Some(before)) = (room_pid, before) {
                 let after = rss_kib(*pid).unwrap_or(0);
-                println!(
-                    "room rss: {before} KiB -> {after} KiB, {:.0} bytes per connection",
-                    (after.saturating_sub(before) as f64 * 1024.0) / *n as f64
+                let per_conn = (after.saturating_sub(before) as f64 * 1024.0) / *n as f64;
+                report(
+                    &cli,
+                    format!(
+                        "room rss: {before} KiB -> {after} KiB, {per_conn:.0} bytes per connection"
+                    ),
+                    serde_json::json!({"mode": "rss", "n": n, "before_kib": before, "after_kib": after, "bytes_per_conn": per_conn}),
                 );
             }
             drop(conns);
@@ -192,21 +243,32 @@ async fn main() -> anyhow::Result<()> {
                 hist.record(t0.elapsed().as_micros() as u64)?;
             }
             let total = started.elapsed();
-            println!(
-                "fanout: {} deliveries in {:.2?} ({:.0}/s); completion p50 {} ms p99 {} ms",
-                n * rounds,
-                total,
-                (n * rounds) as f64 / total.as_secs_f64(),
+            let rate = (n * rounds) as f64 / total.as_secs_f64();
+            let (p50, p99) = (
                 hist.value_at_quantile(0.5) as f64 / 1000.0,
-                hist.value_at_quantile(0.99) as f64 / 1000.0
+                hist.value_at_quantile(0.99) as f64 / 1000.0,
+            );
+            report(
+                &cli,
+                format!(
+                    "fanout: {} deliveries in {total:.2?} ({rate:.0}/s); completion p50 {p50} ms p99 {p99} ms",
+                    n * rounds
+                ),
+                serde_json::json!({"mode": "fanout", "n": n, "rounds": rounds, "deliveries_per_s": rate, "completion_p50_ms": p50, "completion_p99_ms": p99}),
             );
         }
         Mode::Storm { n } => {
+            let base = tcp_baseline(&cli, *n).await?;
+            let base_rate = *n as f64 / base.as_secs_f64();
             let (conns, took) = connect_many(&cli, *n).await?;
-            println!(
-                "storm: {n} handshakes in {:.2?} ({:.0}/s)",
-                took,
-                *n as f64 / took.as_secs_f64()
+            let rate = *n as f64 / took.as_secs_f64();
+            report(
+                &cli,
+                format!(
+                    "storm: {n} handshakes in {took:.2?} ({rate:.0}/s); bare TCP connects {base_rate:.0}/s; ratio {:.2}",
+                    rate / base_rate
+                ),
+                serde_json::json!({"mode": "storm", "n": n, "handshakes_per_s": rate, "tcp_connects_per_s": base_rate, "ratio": rate / base_rate}),
             );
             drop(conns);
         }
