@@ -41,7 +41,19 @@ impl Room for RoomService {
             let m = message(item.message)?;
             let targets = self.hub.targets(item.conn_id, &item.app, &item.user);
             if targets.is_empty() {
-                out.not_found += 1;
+                // QoS 1 to a user between connections (closed here within the resume window,
+                // not back yet): it waits for the resume instead of being lost.
+                let parked = if m.qos == 1 && item.conn_id == 0 {
+                    let frame = Hub::message_frame(&item.app, &m.id, m.qos, m.payload, m.ts);
+                    self.hub
+                        .park_for_resume(&item.app, &item.user, &m.id, &frame)
+                } else {
+                    0
+                };
+                if parked == 0 {
+                    out.not_found += 1;
+                }
+                out.delivered += parked;
                 continue;
             }
             let app = targets[0].app.to_string();

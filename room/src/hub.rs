@@ -330,12 +330,56 @@ impl Hub {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&key);
-        let Some(r) = taken.filter(|r| r.expires > Instant::now()) else {
-            return 0;
-        };
-        let n = r.pending.len();
-        *conn.pending.lock().unwrap_or_else(|e| e.into_inner()) = r.pending;
+        let mut pending = taken
+            .filter(|r| r.expires > Instant::now())
+            .map(|r| r.pending)
+            .unwrap_or_default();
+        pending.extend(self.take_over(conn));
+        let n = pending.len();
+        *conn.pending.lock().unwrap_or_else(|e| e.into_inner()) = pending;
         n
+    }
+
+    /// A device holds one connection at a time: when it authenticates again while its older
+    /// connection is still registered here (the room has not seen that one close yet, e.g. it
+    /// was paused), the old one is dead from the device's side. Its unacked QoS 1 messages move
+    /// to the new connection and it is closed. Only for tokens that name a device.
+    fn take_over(&self, conn: &Conn) -> VecDeque<Pending> {
+        if conn.device.is_empty() {
+            return VecDeque::new();
+        }
+        let older: Vec<Arc<Conn>> = self
+            .conns_of_user(&conn.app, &conn.user)
+            .into_iter()
+            .filter(|c| c.id != conn.id && c.device == conn.device)
+            .collect();
+        let mut moved = VecDeque::new();
+        for old in older {
+            moved.extend(std::mem::take(
+                &mut *old.pending.lock().unwrap_or_else(|e| e.into_inner()),
+            ));
+            self.kick(&old, "replaced by a new connection of the same device", &[]);
+        }
+        moved
+    }
+
+    /// A QoS 1 message for a user with no connection here: queued for every session of the user
+    /// that closed within the resume window (its device gets it on reconnecting, as if it had
+    /// been pending). Returns how many sessions it was queued for.
+    pub fn park_for_resume(&self, app: &str, user: &str, id: &str, frame: &Bytes) -> u32 {
+        let now = Instant::now();
+        let mut parked = 0;
+        let mut resume = self.resume.lock().unwrap_or_else(|e| e.into_inner());
+        for ((a, u, _), r) in resume.iter_mut() {
+            if a == app && u == user && r.expires > now {
+                r.pending.push_back(Pending {
+                    id: id.to_string(),
+                    frame: frame.clone(),
+                });
+                parked += 1;
+            }
+        }
+        parked
     }
 
     /// Queues the resumed messages (after the welcome).

@@ -511,3 +511,89 @@ async fn frames_sent_with_auth_in_one_packet_are_processed_after_welcome() {
     assert!(matches!(got[0], Frame::Welcome(_)));
     assert_eq!(got[1], Frame::Pong);
 }
+
+#[tokio::test]
+async fn qos1_for_a_user_between_connections_waits_for_the_resume() {
+    let room = TestRoom::start(RoomLimits::default()).await;
+    let (c, _) = room.login(Transport::Tcp, "demo", "p", Some("d1")).await;
+    let mut grpc = room.grpc().await;
+    drop(c);
+    wait_until("close seen", Duration::from_secs(5), || async {
+        (stats(&room).await.connections == 0).then_some(())
+    })
+    .await
+    .unwrap();
+    // Nothing pending yet, so nothing was parked for a resume: QoS 0 and QoS 1 both miss...
+    let missed = grpc
+        .push(roompb::PushRequest {
+            items: vec![to_user("demo", "p", msg("early", 1, "0"))],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((missed.delivered, missed.not_found), (0, 1));
+
+    // ... unless the closed session left unacked messages (a resumable session exists).
+    let (mut c, _) = room.login(Transport::Tcp, "demo", "p", Some("d1")).await;
+    grpc.push(roompb::PushRequest {
+        items: vec![to_user("demo", "p", msg("first", 1, "1"))],
+    })
+    .await
+    .unwrap();
+    assert!(matches!(next(&mut c).await, Some(Frame::Message(m)) if m.id == "first"));
+    drop(c);
+    wait_until("close seen", Duration::from_secs(5), || async {
+        (stats(&room).await.connections == 0).then_some(())
+    })
+    .await
+    .unwrap();
+    let parked = grpc
+        .push(roompb::PushRequest {
+            items: vec![
+                to_user("demo", "p", msg("while-away", 1, "2")),
+                to_user("demo", "p", msg("qos0-away", 0, "3")),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (parked.delivered, parked.not_found),
+        (1, 1),
+        "QoS 1 parked, QoS 0 not"
+    );
+    let (mut back, w) = room.login(Transport::Tcp, "demo", "p", Some("d1")).await;
+    assert_eq!(w.resumed, 2);
+    for id in ["first", "while-away"] {
+        assert!(matches!(next(&mut back).await, Some(Frame::Message(m)) if m.id == id));
+    }
+}
+
+#[tokio::test]
+async fn a_device_reconnecting_before_its_old_connection_closed_takes_over_its_messages() {
+    let room = TestRoom::start(RoomLimits::default()).await;
+    let (mut old, _) = room.login(Transport::Tcp, "demo", "t", Some("d1")).await;
+    let mut grpc = room.grpc().await;
+    grpc.push(roompb::PushRequest {
+        items: vec![to_user("demo", "t", msg("unacked", 1, "1"))],
+    })
+    .await
+    .unwrap();
+    assert!(matches!(next(&mut old).await, Some(Frame::Message(m)) if m.id == "unacked"));
+    // The same device authenticates again while the room still holds the old connection.
+    let (mut new, w) = room.login(Transport::Tcp, "demo", "t", Some("d1")).await;
+    assert_eq!(w.resumed, 1);
+    assert!(matches!(next(&mut new).await, Some(Frame::Message(m)) if m.id == "unacked"));
+    assert!(matches!(next(&mut old).await, Some(Frame::Kick(_))));
+    // A token without a device never takes over another connection.
+    let (_a, _) = room.login(Transport::Tcp, "demo", "n", None).await;
+    let (_b, w) = room.login(Transport::Tcp, "demo", "n", None).await;
+    assert_eq!(w.resumed, 0);
+    wait_until(
+        "both device-less connections open",
+        Duration::from_secs(5),
+        || async { (stats(&room).await.connections == 3).then_some(()) },
+    )
+    .await
+    .unwrap();
+}
