@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Short jepsen-tests run for CI: builds the workspace and the harness, runs the checkers' unit
 # tests (and short register / push runs), then 2 keeper runs of ~20 s with every nemesis and one
-# register run of ~20 s with every nemesis. The push workload is not part of CI yet: it still
-# finds QoS 1 losses around room pauses (docs/jepsen.md, "Known anomalies"). Exits non-zero on any anomaly, leaves
+# register and one push run of ~20 s with every nemesis. Exits non-zero on any anomaly, leaves
 # no namespace, link, rule or process behind, and prints how long it took.
 # Needs root (network namespaces, iptables). Override with JEPSEN_RUNS / JEPSEN_TIME.
 set -euo pipefail
@@ -27,7 +26,7 @@ status=0
   --nemesis partition,kill,pause,member \
   --keeper-bin "$CARGO_TARGET_DIR/debug/keeper" \
   --out "$out" || status=$?
-for workload in register; do
+for workload in register push; do
   "$bin" "$workload" \
     --runs 1 --time "${JEPSEN_TIME:-20}" \
     --nemesis partition,kill,pause \

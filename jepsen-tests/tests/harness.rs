@@ -169,7 +169,6 @@ fn short_register_run_under_kills_is_valid() {
 }
 
 #[test]
-#[ignore = "finds a known QoS 1 loss around room pauses (docs/jepsen.md, Known anomalies); run with --ignored"]
 fn short_push_run_under_pauses_is_valid() {
     assert_service_bins();
     short_run("push", "pause", &[], &["room-1.log", "center-1.log"]);
