@@ -18,7 +18,12 @@ pub struct Identity {
     pub user: String,
     /// Empty when the token has no `dev` claim.
     pub device: String,
+    /// Empty when the token has no `plat` claim.
+    pub platform: String,
 }
+
+/// Longest accepted `plat` claim, in bytes.
+pub const MAX_PLATFORM_BYTES: usize = 32;
 
 #[derive(Debug, Deserialize)]
 struct Claims {
@@ -26,6 +31,8 @@ struct Claims {
     sub: String,
     #[serde(default)]
     dev: Option<String>,
+    #[serde(default)]
+    plat: Option<String>,
 }
 
 /// A refused token: the protocol error code and a message for the device.
@@ -72,10 +79,21 @@ pub fn verify(token: &str, apps: &AppsConfig) -> Result<Identity, AuthError> {
     if claims.sub.is_empty() {
         return Err(refuse(code::UNAUTHORIZED, "token has an empty sub"));
     }
+    let platform = claims.plat.unwrap_or_default();
+    if platform.len() > MAX_PLATFORM_BYTES {
+        return Err(refuse(
+            code::UNAUTHORIZED,
+            format!(
+                "plat claim is {} bytes; the limit is {MAX_PLATFORM_BYTES}",
+                platform.len()
+            ),
+        ));
+    }
     Ok(Identity {
         app: claims.app,
         user: claims.sub,
         device: claims.dev.unwrap_or_default(),
+        platform,
     })
 }
 
@@ -115,9 +133,27 @@ mod tests {
             Identity {
                 app: "demo".into(),
                 user: "alice".into(),
-                device: "phone".into()
+                device: "phone".into(),
+                platform: String::new(),
             }
         );
+    }
+
+    #[test]
+    fn plat_claim_is_carried_and_bounded() {
+        let claims = |plat: &str| longlink_client::Claims {
+            app: "demo".into(),
+            sub: "alice".into(),
+            dev: None,
+            plat: Some(plat.into()),
+            exp: 4_000_000_000,
+        };
+        let ok = longlink_client::sign(&claims("ios"), "s3cret");
+        assert_eq!(verify(&ok, &apps()).unwrap().platform, "ios");
+        let long = longlink_client::sign(&claims(&"x".repeat(33)), "s3cret");
+        let err = verify(&long, &apps()).unwrap_err();
+        assert_eq!(err.code, code::UNAUTHORIZED);
+        assert!(err.message.contains("32"), "{err}");
     }
 
     #[test]

@@ -277,6 +277,7 @@ mod tests {
             app: app.into(),
             user: "u".into(),
             device: "d".into(),
+            platform: String::new(),
         };
         let conn = hub.new_conn(id, "127.0.0.1".parse().unwrap(), false);
         hub.insert(&conn);

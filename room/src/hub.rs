@@ -89,6 +89,8 @@ pub struct Conn {
     pub user: Arc<str>,
     /// Empty when the token had no `dev` claim.
     pub device: Arc<str>,
+    /// Empty when the token had no `plat` claim.
+    pub platform: Arc<str>,
     pub slot: u16,
     pub ip: IpAddr,
     pub connected_at_ms: i64,
@@ -108,7 +110,7 @@ impl Conn {
             conn_id: self.id,
             connected_at_ms: self.connected_at_ms,
             client_ip: self.ip.to_string(),
-            platform: String::new(),
+            platform: self.platform.to_string(),
         }
     }
 }
@@ -268,6 +270,7 @@ impl Hub {
             app: id.app.into(),
             user: id.user.into(),
             device: id.device.into(),
+            platform: id.platform.into(),
             ip,
             connected_at_ms: now_ms(),
             ws,
@@ -738,6 +741,7 @@ mod tests {
             app: app.into(),
             user: user.into(),
             device: dev.into(),
+            platform: String::new(),
         }
     }
 

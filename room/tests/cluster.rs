@@ -376,8 +376,24 @@ async fn a_session_the_register_lost_is_repaired_by_the_digest() {
     push_config(&k, "room", "digest_interval_s = 2\n").await;
     let (_register, reg_addr) = start_register(&keepers, &k, &endpoint).await;
     let room = start_room(keepers.dir.path(), "room-a", &endpoint);
+    // A token with a platform: it travels with the session through Attach and Sync.
+    let token = longlink_client::sign(
+        &longlink_client::Claims {
+            app: "demo".into(),
+            sub: "alice".into(),
+            dev: Some("phone".into()),
+            plat: Some("ios".into()),
+            exp: 4_000_000_000,
+        },
+        SECRET,
+    );
     let (_alice, welcome) = wait_until("login", Duration::from_secs(30), || {
-        login(&room.tcp, "alice")
+        let (tcp, token) = (room.tcp.clone(), token.clone());
+        async move {
+            let mut c = Connection::connect(&tcp, Transport::Tcp).await.ok()?;
+            let w = c.auth(&token).await.ok()?;
+            Some((c, w))
+        }
     })
     .await
     .unwrap();
@@ -396,7 +412,9 @@ async fn a_session_the_register_lost_is_repaired_by_the_digest() {
             .into_inner();
         (r.result?.status == registerpb::Status::Ok as i32).then_some(r.sessions)
     };
-    assert_eq!(sessions(reg.clone()).await.unwrap().len(), 1);
+    let attached = sessions(reg.clone()).await.unwrap();
+    assert_eq!(attached.len(), 1);
+    assert_eq!(attached[0].platform, "ios");
 
     // The register loses the session behind the room's back (as after a lost Detach race or a
     // restored backup); the room still holds the connection.
@@ -431,5 +449,6 @@ async fn a_session_the_register_lost_is_repaired_by_the_digest() {
     .unwrap();
     assert_eq!(back[0].conn_id, welcome.conn_id);
     assert_eq!(back[0].room_id, "room-a");
+    assert_eq!(back[0].platform, "ios");
     drop(room);
 }

@@ -79,6 +79,9 @@ pub struct Claims {
     pub sub: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dev: Option<String>,
+    /// The device's platform (`ios`, `android`, `web`, ...), shown in presence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plat: Option<String>,
     pub exp: u64,
 }
 
@@ -96,11 +99,17 @@ pub fn token_at(app: &str, user: &str, device: Option<&str>, secret: &str, exp: 
         app: app.into(),
         sub: user.into(),
         dev: device.map(str::to_string),
+        plat: None,
         exp,
     };
+    sign(&claims, secret)
+}
+
+/// Signs `claims` (e.g. with a `plat`) with the app's secret.
+pub fn sign(claims: &Claims, secret: &str) -> String {
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
+        claims,
         &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
     )
     .expect("HS256 signing cannot fail")
