@@ -213,6 +213,6 @@ async fn main() -> anyhow::Result<()> {
         shutdown.clone(),
     );
     eprintln!("standalone center ready");
-    center::serve(center, listeners, center::prometheus::install(), shutdown).await?;
+    center::serve(center, listeners, telemetry::prometheus(), shutdown).await?;
     Ok(())
 }

@@ -15,7 +15,6 @@ pub mod fabric;
 pub mod grpc;
 pub mod http;
 pub mod ids;
-pub mod prometheus;
 pub mod ratelimit;
 pub mod rooms;
 pub mod server;

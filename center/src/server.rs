@@ -111,7 +111,7 @@ pub async fn run(config: CenterConfig, shutdown: CancellationToken) -> Result<()
     tracing::info!(id = %config.id, http = %http_addr, grpc = %grpc_addr, "center serving");
     let center = Center::new(config, inputs, shutdown.clone());
     tokio::spawn(follow_tuning(tuning, center.clone(), shutdown.clone()));
-    let served = serve(center, listeners, crate::prometheus::install(), shutdown).await;
+    let served = serve(center, listeners, telemetry::prometheus(), shutdown).await;
     if let Err(e) = registration.shutdown().await {
         tracing::warn!("deregistering: {e}");
     }

@@ -3,6 +3,10 @@
 //! a panic policy (a panic anywhere aborts the process: no half-alive nodes).
 
 use std::net::SocketAddr;
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::PrometheusBuilder;
+use metrics_exporter_prometheus::PrometheusHandle;
 
 use tokio_util::sync::CancellationToken;
 
@@ -50,16 +54,45 @@ pub fn init(flags: &Flags) -> Result<(), Error> {
         LogFormat::Json => builder.json().init(),
     }
     if let Some(addr) = flags.metrics {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-            .map_err(|e| Error::Metrics {
-                addr,
-                reason: e.to_string(),
-            })?;
+        serve_metrics(addr)?;
     }
     abort_on_panic();
     Ok(())
+}
+
+/// The process's one Prometheus recorder, if installed through this crate.
+static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process's Prometheus recorder with an HTTP listener on `addr` (`--metrics`).
+fn serve_metrics(addr: SocketAddr) -> Result<(), Error> {
+    let failed = |e: &dyn std::fmt::Display| Error::Metrics {
+        addr,
+        reason: e.to_string(),
+    };
+    let (recorder, exporter) = PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .build()
+        .map_err(|e| failed(&e))?;
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).map_err(|e| failed(&e))?;
+    tokio::spawn(exporter);
+    let _ = PROMETHEUS.set(Some(handle));
+    Ok(())
+}
+
+/// A handle that renders the process's metrics (for a service that also serves `/metrics` on its
+/// own port, like center). Installs a recorder on first use when `--metrics` did not; `None` when
+/// some other recorder was installed first.
+pub fn prometheus() -> Option<PrometheusHandle> {
+    PROMETHEUS
+        .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
+            Ok(handle) => Some(handle),
+            Err(e) => {
+                tracing::warn!("no Prometheus recorder: {e}");
+                None
+            }
+        })
+        .clone()
 }
 
 /// Makes a panic in any thread or task print its message and abort the process, instead of

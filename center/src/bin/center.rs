@@ -53,38 +53,11 @@ fn load(cli: &Cli) -> anyhow::Result<CenterConfig> {
     Ok(config)
 }
 
-/// Serves the process's metrics on `--metrics ADDR` as well (the HTTP API serves `/metrics`).
-async fn serve_metrics(
-    addr: SocketAddr,
-    handle: metrics_exporter_prometheus::PrometheusHandle,
-) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
-    let router = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let handle = handle.clone();
-            async move { handle.render() }
-        }),
-    );
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
-            tracing::warn!("metrics listener: {e}");
-        }
-    });
-    Ok(())
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    // center renders metrics itself (GET /metrics), so it owns the recorder; telemetry sets up
-    // logs and the panic policy only, and --metrics gets the same handle on its own address.
-    let handle = center::prometheus::install();
-    let mut flags = cli.telemetry.clone();
-    let metrics_addr = flags.metrics.take();
-    if let Err(e) = telemetry::init(&flags) {
+    // `--metrics` serves the same recorder that center's own `GET /metrics` renders.
+    if let Err(e) = telemetry::init(&cli.telemetry) {
         eprintln!("center: {e}");
         return ExitCode::FAILURE;
     }
@@ -95,11 +68,5 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let (Some(addr), Some(handle)) = (metrics_addr, handle)
-        && let Err(e) = serve_metrics(addr, handle).await
-    {
-        eprintln!("center: {e}");
-        return ExitCode::FAILURE;
-    }
     telemetry::run_until_signal("center", |shutdown| center::run(config, shutdown)).await
 }

@@ -82,7 +82,7 @@ pub async fn start(config: CenterConfig, apps: AppsConfig, rooms: Vec<Room>) -> 
     let served = tokio::spawn(center::serve(
         center.clone(),
         listeners,
-        center::prometheus::install(),
+        telemetry::prometheus(),
         shutdown.clone(),
     ));
     Harness {
