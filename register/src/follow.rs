@@ -106,8 +106,22 @@ const PROBE_EVERY: Duration = Duration::from_secs(2);
 /// How long a probe may take before the room counts as gone.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Whether the room's internal gRPC at `addr` answers `Stats` within [`PROBE_TIMEOUT`].
+/// Whether the room's internal gRPC at `addr` answers `Stats`: up to [`PROBE_ATTEMPTS`]
+/// attempts of [`PROBE_TIMEOUT`] each, so that one slow moment on a loaded host does not cost a
+/// live room its sessions.
 async fn answers(addr: &str) -> bool {
+    for _ in 0..PROBE_ATTEMPTS {
+        if answers_once(addr).await {
+            return true;
+        }
+    }
+    false
+}
+
+/// Probe attempts before a room that left discovery counts as gone.
+const PROBE_ATTEMPTS: usize = 3;
+
+async fn answers_once(addr: &str) -> bool {
     let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else {
         return false;
     };
@@ -131,10 +145,16 @@ async fn answers(addr: &str) -> bool {
 /// sessions dropped. A room whose lease expired while it still answers on its gRPC address (cut
 /// off from the keeper, not dead: its devices are still connected and it still detaches closed
 /// ones) keeps its sessions, probed every [`PROBE_EVERY`], until it stops answering or comes back.
-pub async fn rooms(mut discovery: Discovery, node: Arc<Node>, shutdown: CancellationToken) {
+/// `applied` is the set the node was given at start; discovery may have moved on since, and
+/// the first round applies whatever differs.
+pub async fn rooms(
+    mut discovery: Discovery,
+    node: Arc<Node>,
+    mut applied: BTreeSet<String>,
+    shutdown: CancellationToken,
+) {
     // The last grpc address seen for each room taken as live.
     let mut addrs: BTreeMap<String, String> = BTreeMap::new();
-    let mut applied = ids(&discovery);
     loop {
         let listed = discovery.instances();
         for i in listed.iter() {

@@ -83,7 +83,8 @@ pub async fn run(config: ProcessConfig, shutdown: CancellationToken) -> Result<(
         .discover("room")
         .await
         .map_err(keeper_err("discover rooms"))?;
-    node.set_live_rooms(follow::ids(&rooms))?;
+    let live_rooms = follow::ids(&rooms);
+    node.set_live_rooms(live_rooms.clone())?;
     let (map, rev) = controller::read_map(&keeper)
         .await
         .map_err(keeper_err("read slot map"))?;
@@ -100,7 +101,7 @@ pub async fn run(config: ProcessConfig, shutdown: CancellationToken) -> Result<(
         rev,
         stop.clone(),
     ));
-    tasks.spawn(follow::rooms(rooms, node.clone(), stop.clone()));
+    tasks.spawn(follow::rooms(rooms, node.clone(), live_rooms, stop.clone()));
     tasks.spawn(follow::config(typed, node.clone(), stop.clone()));
     tasks.spawn(follow::ticks(node.clone(), stop.clone()));
     tasks.spawn(controller::run(keeper.clone(), node.clone(), stop.clone()));
