@@ -447,16 +447,7 @@ async fn learner_catches_up_by_snapshot_and_is_promoted() {
     }
 
     let addr = c.define_joiner(4).unwrap();
-    let added = client
-        .member_add(
-            [format!("http://{addr}")],
-            Some(etcd_client::MemberAddOptions::new().with_is_learner()),
-        )
-        .await
-        .unwrap();
-    assert!(added.member().unwrap().is_learner());
-    let id = added.member().unwrap().id();
-    assert_eq!(id, 4);
+    assert_eq!(add_learner(&mut client, &addr).await, 4);
     c.start_node(4).unwrap();
 
     // Promotion succeeds once the learner has caught up.
@@ -493,6 +484,25 @@ async fn learner_catches_up_by_snapshot_and_is_promoted() {
         four.get("after-promotion", None).await.unwrap().kvs().len(),
         1
     );
+
+    // Removed, its id is not handed out again: the next member is 5, not 4.
+    client.member_remove(4).await.unwrap();
+    let addr = c.define_joiner(5).unwrap();
+    assert_eq!(add_learner(&mut client, &addr).await, 5);
+}
+
+/// Adds the node at `addr` as a learner; returns the id the keeper issued.
+async fn add_learner(client: &mut etcd_client::Client, addr: &str) -> u64 {
+    let added = client
+        .member_add(
+            [format!("http://{addr}")],
+            Some(etcd_client::MemberAddOptions::new().with_is_learner()),
+        )
+        .await
+        .unwrap();
+    let member = added.member().unwrap();
+    assert!(member.is_learner());
+    member.id()
 }
 
 #[tokio::test(flavor = "multi_thread")]

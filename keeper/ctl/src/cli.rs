@@ -153,8 +153,9 @@ pub struct PushArgs {
 pub enum MemberCommand {
     /// Every member, voters and learners.
     List,
-    /// Add a node as a learner (the keeper gives ids in order: ID must be the next one).
-    Add { id: u64, addr: String },
+    /// Add a node as a learner; the keeper issues its id (never a removed member's), which
+    /// the new node must be started with.
+    Add { addr: String },
     /// Make a caught-up learner a voter.
     Promote { id: u64 },
     /// Remove a member.

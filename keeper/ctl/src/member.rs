@@ -63,20 +63,11 @@ async fn list(client: &Client) -> anyhow::Result<Vec<Member>> {
 pub async fn run(client: &Client, out: Out, cmd: MemberCommand) -> anyhow::Result<()> {
     match cmd {
         MemberCommand::List => print_members(out, &list(client).await?),
-        MemberCommand::Add { id, addr } => {
-            let members = list(client).await?;
-            // The keeper numbers members itself: one more than the highest id it has seen.
-            let next = members.iter().map(|m| m.id).max().unwrap_or(0) + 1;
-            if id != next {
-                bail!(
-                    "the keeper gives the next member id {next}, not {id}: start the new node with \
-                     --id {next} and run `keeperctl member add {next} {addr}`"
-                );
-            }
+        MemberCommand::Add { addr } => {
             let mut cluster = client.cluster();
             let resp = client
                 .bounded(
-                    &format!("member add {id} {addr}"),
+                    &format!("member add {addr}"),
                     cluster.member_add(MemberAddRequest {
                         peer_ur_ls: vec![endpoint_url(&addr)],
                         is_learner: true,
@@ -86,19 +77,20 @@ pub async fn run(client: &Client, out: Out, cmd: MemberCommand) -> anyhow::Resul
             let added = resp
                 .member
                 .ok_or_else(|| anyhow!("member add: the keeper answered without the new member"))?;
-            if added.id != id {
-                bail!(
-                    "the keeper added {addr} as member {} (not {id}): start it with --id {}",
-                    added.id,
-                    added.id
-                );
+            let id = added.id;
+            if out.json {
+                let mut members = resp.members.clone();
+                members.sort_by_key(|m| m.id);
+                return out.json(&json!({
+                    "added": member_json(&added),
+                    "members": members.iter().map(member_json).collect::<Vec<_>>(),
+                }));
             }
-            if !out.json {
-                println!(
-                    "added member {id} at {addr} as a learner: start it with initial_cluster_state = \
-                     \"existing\", then `keeperctl member promote {id}` once it caught up"
-                );
-            }
+            println!(
+                "added member {id} at {addr} as a learner: start it with --id {id} and \
+                 initial_cluster_state = \"existing\", then `keeperctl member promote {id}` once \
+                 it caught up"
+            );
             print_members(out, &resp.members)
         }
         MemberCommand::Promote { id } => {

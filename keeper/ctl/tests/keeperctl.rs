@@ -548,11 +548,12 @@ async fn member_list_and_status_with_json() {
     assert_eq!(rows[3]["reachable"], false);
     assert!(rows[3]["error"].as_str().unwrap().contains(&dead));
 
-    // A member id that is not the next one is refused before anything changes.
-    let refused = ctl(&ep, &["member", "add", "9", "127.0.0.1:1"]).await;
+    // An address that is already a member is refused, and nothing changes.
+    let taken = ep.split(',').next().unwrap();
+    let refused = ctl(&ep, &["member", "add", taken]).await;
     expect(&refused, 1);
     assert!(
-        stderr(&refused).contains("next member id 4"),
+        stderr(&refused).contains("peerURL exists"),
         "{}",
         stderr(&refused)
     );
@@ -699,8 +700,9 @@ async fn member_add_promote_remove_a_real_node() {
     let mut cluster = cluster().await;
     let ep = endpoints(&cluster);
     let addr = cluster.define_joiner(4).unwrap();
-    let added = json_of(&ctl(&ep, &["--json", "member", "add", "4", &addr]).await);
-    let learner = added
+    let added = json_of(&ctl(&ep, &["--json", "member", "add", &addr]).await);
+    assert_eq!(added["added"]["id"], 4, "{added}");
+    let learner = added["members"]
         .as_array()
         .unwrap()
         .iter()
@@ -739,6 +741,13 @@ async fn member_add_promote_remove_a_real_node() {
         .collect();
     assert_eq!(ids, vec![1, 2, 3]);
     expect(&ctl(&ep, &["member", "remove", "4"]).await, 1);
+    // A removed member's id is not issued again.
+    let addr = cluster.define_joiner(5).unwrap();
+    let text = expect(&ctl(&ep, &["member", "add", &addr]).await, 0);
+    assert!(
+        text.contains("added member 5") && text.contains("--id 5"),
+        "{text}"
+    );
 }
 
 #[tokio::test]

@@ -19,6 +19,8 @@ use tonic::Status;
 
 use super::Keeper;
 use crate::error::KeeperError;
+use crate::store::Command;
+use crate::store::Reply;
 
 fn member(id: u64, addr: &str, is_learner: bool) -> Member {
     Member {
@@ -83,14 +85,22 @@ impl Cluster for Keeper {
                 KeeperError::InvalidArgument(format!("etcdserver: peerURL exists: {url}")).into(),
             );
         }
-        let id = status
+        // The id comes from a counter in the replicated state, not from the current members:
+        // a removed member's id is never handed out again (its old data dir must not rejoin).
+        let above = status
             .voters
             .keys()
             .chain(status.learners.keys())
             .max()
             .copied()
-            .unwrap_or(0)
-            + 1;
+            .unwrap_or(0);
+        let id = match self.write(Command::IssueMemberId { above }).await {
+            Ok((_, Reply::MemberId { id })) => id,
+            Ok((_, reply)) => {
+                return Err(KeeperError::Internal(format!("unexpected reply {reply:?}")).into());
+            }
+            Err(e) => return Err(e.into()),
+        };
         self.node
             .add_learner(id, addr.clone())
             .await

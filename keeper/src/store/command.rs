@@ -63,6 +63,12 @@ pub enum Command {
     LeaseExpire {
         ids: Vec<i64>,
     },
+    /// Issues the id of a member about to be added: one above both `above` (the highest id in
+    /// the proposer's view of membership) and every id issued before, so an id is never reused
+    /// after its member was removed.
+    IssueMemberId {
+        above: u64,
+    },
 }
 
 /// etcd `RangeRequest` (without sorting and revision filters).
@@ -174,6 +180,9 @@ pub enum Reply {
     /// The ids that existed and are now gone, in the order given.
     LeaseExpire {
         expired: Vec<i64>,
+    },
+    MemberId {
+        id: u64,
     },
 }
 

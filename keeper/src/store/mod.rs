@@ -27,8 +27,8 @@ use lease::LeaseTable;
 use mvcc::{KeyRange, Mvcc, WriteBatch};
 
 /// Bumped when the snapshot encoding changes, so an old node refuses a snapshot it would
-/// misread instead of restoring garbage.
-const SNAPSHOT_FORMAT: u32 = 1;
+/// misread instead of restoring garbage. Format 1 (before `member_ids`) is still read.
+const SNAPSHOT_FORMAT: u32 = 2;
 
 /// The whole replicated state of a keeper.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,18 +39,29 @@ pub struct KeeperState {
     /// The log index of the last command applied, so a restored snapshot says where the log
     /// must resume.
     applied_index: u64,
+    /// The highest member id issued by [`Command::IssueMemberId`].
+    member_ids: u64,
+}
+
+/// [`KeeperState`] as snapshot format 1 encoded it.
+#[derive(Deserialize)]
+struct KeeperStateV1 {
+    mvcc: Mvcc,
+    leases: LeaseTable,
+    applied_index: u64,
 }
 
 #[derive(Serialize)]
-struct SnapshotRef<'a> {
+struct SnapshotRef<'a, S> {
     format: u32,
-    state: &'a KeeperState,
+    state: &'a S,
 }
 
 #[derive(Deserialize)]
-struct SnapshotOwned {
-    format: u32,
-    state: KeeperState,
+struct SnapshotOwned<S> {
+    /// Read first, on its own, by [`KeeperState::restore`].
+    _format: u32,
+    state: S,
 }
 
 impl KeeperState {
@@ -248,6 +259,12 @@ impl raft_store::StateMachine for KeeperState {
                 .map(|()| Reply::LeaseGrant { id, ttl }),
             Command::LeaseRevoke { id } => self.apply_revoke(id),
             Command::LeaseExpire { ids } => Ok(self.apply_expire(ids)),
+            Command::IssueMemberId { above } => {
+                self.member_ids = self.member_ids.max(above) + 1;
+                Ok(Reply::MemberId {
+                    id: self.member_ids,
+                })
+            }
         };
         Response {
             revision: self.mvcc.revision(),
@@ -273,24 +290,44 @@ impl raft_store::StateMachine for KeeperState {
     }
 
     fn restore(&mut self, snapshot: &[u8]) -> std::result::Result<(), String> {
-        let (decoded, read): (SnapshotOwned, usize) =
+        // The format comes first in every encoding; it says how to read the rest.
+        let (format, _): (u32, usize) =
             bincode::serde::decode_from_slice(snapshot, bincode::config::standard())
                 .map_err(|e| format!("keeper snapshot: {e}"))?;
-        if decoded.format != SNAPSHOT_FORMAT {
-            return Err(format!(
-                "keeper snapshot: format {} (this build reads {SNAPSHOT_FORMAT})",
-                decoded.format
-            ));
-        }
-        if read != snapshot.len() {
-            return Err(format!(
-                "keeper snapshot: {} trailing bytes",
-                snapshot.len() - read
-            ));
-        }
-        *self = decoded.state;
+        let state = match format {
+            SNAPSHOT_FORMAT => decode_whole::<KeeperState>(snapshot)?,
+            1 => {
+                let v1 = decode_whole::<KeeperStateV1>(snapshot)?;
+                KeeperState {
+                    mvcc: v1.mvcc,
+                    leases: v1.leases,
+                    applied_index: v1.applied_index,
+                    member_ids: 0,
+                }
+            }
+            other => {
+                return Err(format!(
+                    "keeper snapshot: format {other} (this build reads 1 and {SNAPSHOT_FORMAT})"
+                ));
+            }
+        };
+        *self = state;
         Ok(())
     }
+}
+
+/// Decodes a whole snapshot whose state is an `S`; trailing bytes are an error.
+fn decode_whole<S: serde::de::DeserializeOwned>(snapshot: &[u8]) -> std::result::Result<S, String> {
+    let (decoded, read): (SnapshotOwned<S>, usize) =
+        bincode::serde::decode_from_slice(snapshot, bincode::config::standard())
+            .map_err(|e| format!("keeper snapshot: {e}"))?;
+    if read != snapshot.len() {
+        return Err(format!(
+            "keeper snapshot: {} trailing bytes",
+            snapshot.len() - read
+        ));
+    }
+    Ok(decoded.state)
 }
 
 /// Helpers shared by the store's unit tests.
@@ -883,6 +920,57 @@ mod tests {
         let mut original = state;
         assert_eq!(put(&mut original, "n", "1"), put(&mut restored, "n", "1"));
         assert_eq!(original, restored);
+    }
+
+    #[test]
+    fn member_ids_are_never_issued_twice() {
+        let mut state = KeeperState::new();
+        let issue =
+            |state: &mut KeeperState, above| match apply(state, Command::IssueMemberId { above })
+                .result
+            {
+                Ok(Reply::MemberId { id }) => id,
+                other => panic!("unexpected {other:?}"),
+            };
+        // Founders 1..=3: the first joiner is 4.
+        assert_eq!(issue(&mut state, 3), 4);
+        // Member 4 was removed, so the proposer's highest member is 3 again: still not 4.
+        assert_eq!(issue(&mut state, 3), 5);
+        // A membership that grew outside this counter (founders 1..=9) is respected.
+        assert_eq!(issue(&mut state, 9), 10);
+        let revision = state.revision();
+        assert_eq!(revision, 1, "issuing an id changes no key");
+        // The counter survives a snapshot.
+        let mut restored = KeeperState::new();
+        restored.restore(&state.snapshot()).unwrap();
+        assert_eq!(issue(&mut restored, 3), 11);
+    }
+
+    #[test]
+    fn a_format_1_snapshot_still_restores() {
+        #[derive(Serialize)]
+        struct StateV1<'a> {
+            mvcc: &'a Mvcc,
+            leases: &'a LeaseTable,
+            applied_index: u64,
+        }
+        let state = busy_state();
+        let v1 = SnapshotRef {
+            format: 1,
+            state: &StateV1 {
+                mvcc: &state.mvcc,
+                leases: &state.leases,
+                applied_index: state.applied_index,
+            },
+        };
+        let bytes = bincode::serde::encode_to_vec(&v1, bincode::config::standard()).unwrap();
+        let mut restored = KeeperState::new();
+        restored.restore(&bytes).unwrap();
+        assert_eq!(restored, state);
+        let mut future = bytes.clone();
+        future[0] = 9;
+        let err = restored.restore(&future).unwrap_err();
+        assert!(err.contains("format 9"), "{err}");
     }
 
     #[test]
