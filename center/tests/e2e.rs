@@ -4,16 +4,16 @@
 //!
 //! Needs every workspace binary built (`cargo build --workspace --all-targets --locked`).
 
+mod common;
+
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::Mutex;
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::http::HeaderMap;
-use axum::http::StatusCode;
+use common::hook::Seen;
+use common::hook::expected_signature;
+use common::hook::open_gate;
+use common::hook::receiver;
 use futures::StreamExt;
-use hmac::Mac;
 use keeper_sdk::Keeper;
 use keeper_sdk::layout::ConfigDocument;
 use keeper_sdk::layout::Format;
@@ -518,51 +518,11 @@ async fn multicast_to_1000_and_broadcast_to_one_app() {
     );
 }
 
-/// What the webhook receiver saw: (timestamp header, signature header, body).
-type Seen = Arc<Mutex<Vec<(String, String, Vec<u8>)>>>;
-
-/// A webhook receiver on 127.0.0.1:0 that records every POST and answers 204.
-async fn receiver() -> (String, Seen) {
-    let seen: Seen = Arc::default();
-    let record = seen.clone();
-    let handler = move |headers: HeaderMap, body: Bytes| {
-        let record = record.clone();
-        async move {
-            let h = |n: &str| {
-                headers
-                    .get(n)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-                    .to_owned()
-            };
-            record.lock().unwrap().push((
-                h("x-longlink-timestamp"),
-                h("x-longlink-signature"),
-                body.to_vec(),
-            ));
-            StatusCode::NO_CONTENT
-        }
-    };
-    let router = axum::Router::new().route("/hook", axum::routing::post(handler));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    (url, seen)
-}
-
-/// HMAC-SHA256 over `{timestamp}.{body}`, computed here independently of center's code.
-fn expected_signature(secret: &str, timestamp: &str, body: &[u8]) -> String {
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-    mac.update(format!("{timestamp}.").as_bytes());
-    mac.update(body);
-    format!("v1={}", hex::encode(mac.finalize().into_bytes()))
-}
-
 /// The verified events of user `user` seen so far.
 fn events_of(seen: &Seen, user: &str) -> Vec<Value> {
     let seen = seen.lock().unwrap().clone();
     seen.iter()
-        .map(|(ts, sig, body)| {
+        .map(|(_, ts, sig, body)| {
             assert_eq!(sig, &expected_signature(DEMO_SECRET, ts, body), "signature");
             assert!(center::webhook::verify(
                 DEMO_SECRET,
@@ -578,7 +538,7 @@ fn events_of(seen: &Seen, user: &str) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_gets_signed_uplink_and_offline_from_a_real_room() {
-    let (url, seen) = receiver().await;
+    let (url, seen) = receiver(0, open_gate()).await;
     let cluster = Cluster::start(Some(url)).await;
     // `other` has no webhook: its device's events must never reach the receiver.
     let (mut stranger, _) = cluster.login("other", "carol", 0, Transport::Tcp).await;

@@ -11,9 +11,7 @@
 //! would only move the loss into the queue. While a batch is retried new events wait in the
 //! queue (or overflow it).
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -25,6 +23,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+use crate::clients::Clients;
 use crate::hub::DeviceEvent;
 use crate::hub::EventKind;
 use crate::hub::Hub;
@@ -51,7 +50,7 @@ pub fn channel() -> (mpsc::Sender<DeviceEvent>, mpsc::Receiver<DeviceEvent>) {
 struct Centers {
     discovery: keeper_sdk::Discovery,
     /// center id -> (grpc address the client was made for, client).
-    clients: Mutex<HashMap<String, (String, CoordinatorClient<Channel>)>>,
+    clients: Clients<CoordinatorClient<Channel>>,
     /// Round robin over centers: spreads batches and moves a retry to another center.
     next: AtomicUsize,
 }
@@ -68,25 +67,7 @@ impl Centers {
             return None;
         }
         let (id, addr) = live[self.next.fetch_add(1, Ordering::Relaxed) % live.len()];
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((a, c)) = clients.get(id)
-            && a == addr
-        {
-            return Some((id.to_string(), c.clone()));
-        }
-        let url = if addr.starts_with("http") {
-            addr.to_string()
-        } else {
-            format!("http://{addr}")
-        };
-        let channel = Channel::from_shared(url)
-            .ok()?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(RPC_TIMEOUT)
-            .connect_lazy();
-        let client = CoordinatorClient::new(channel);
-        clients.insert(id.to_string(), (addr.to_string(), client.clone()));
-        Some((id.to_string(), client))
+        Some((id.to_string(), self.clients.get(id, addr)?))
     }
 }
 
@@ -120,7 +101,7 @@ pub async fn start(
     let discovery = keeper.discover("center").await.map_err(|e| e.to_string())?;
     let centers = Centers {
         discovery,
-        clients: Mutex::new(HashMap::new()),
+        clients: Clients::new(CoordinatorClient::new, RPC_TIMEOUT),
         next: AtomicUsize::new(0),
     };
     let stop = CancellationToken::new();

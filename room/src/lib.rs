@@ -5,6 +5,7 @@
 
 pub mod admission;
 pub mod auth;
+pub mod clients;
 pub mod config;
 pub mod connection;
 pub mod coordinator;

@@ -10,7 +10,6 @@
 use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -27,6 +26,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+use crate::clients::Clients;
 use crate::hub::Hub;
 use crate::hub::SessionInfo;
 use crate::hub::Sessions;
@@ -48,7 +48,7 @@ struct Routes {
     map: watch::Receiver<Arc<SlotMap>>,
     /// register id -> grpc address, from discovery.
     addrs: watch::Receiver<Arc<BTreeMap<String, String>>>,
-    clients: Mutex<HashMap<String, (String, RegisterClient<Channel>)>>,
+    clients: Clients<RegisterClient<Channel>>,
 }
 
 impl Routes {
@@ -59,25 +59,7 @@ impl Routes {
     /// A client for register `id`, if discovery knows its address.
     fn client(&self, id: &str) -> Option<RegisterClient<Channel>> {
         let addr = self.addrs.borrow().get(id).cloned()?;
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((a, c)) = clients.get(id)
-            && *a == addr
-        {
-            return Some(c.clone());
-        }
-        let url = if addr.starts_with("http") {
-            addr.clone()
-        } else {
-            format!("http://{addr}")
-        };
-        let channel = Channel::from_shared(url)
-            .ok()?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(RPC_TIMEOUT)
-            .connect_lazy();
-        let c = RegisterClient::new(channel);
-        clients.insert(id.to_string(), (addr, c.clone()));
-        Some(c)
+        self.clients.get(id, &addr)
     }
 }
 
@@ -237,7 +219,7 @@ pub async fn start(
     let routes = Arc::new(Routes {
         map: map_rx,
         addrs: addr_rx,
-        clients: Mutex::new(HashMap::new()),
+        clients: Clients::new(RegisterClient::new, RPC_TIMEOUT),
     });
     let (attach_tx, attach_rx) = mpsc::channel(ATTACH_QUEUE);
     let (detach_tx, detach_rx) = mpsc::channel(DETACH_QUEUE);

@@ -2,6 +2,8 @@
 //! map) are channels the test drives, plus a small HTTP client.
 #![allow(dead_code)]
 
+pub mod hook;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
