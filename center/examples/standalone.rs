@@ -113,8 +113,8 @@ impl Room for StandInRoom {
         let delivered = request.into_inner().items.len() as u32;
         Ok(Response::new(roompb::PushResponse {
             delivered,
-            not_found: 0,
-            dropped: 0,
+            per_item: vec![1; delivered as usize],
+            ..Default::default()
         }))
     }
     async fn broadcast(

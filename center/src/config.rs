@@ -42,13 +42,16 @@ pub struct CenterConfig {
     pub fanout: FanoutConfig,
 }
 
+/// Upper bound of `max_body_bytes`: a room decodes requests of up to 16 MiB, so one pushed
+/// payload always fits in a room `Push`.
+pub const MAX_BODY_LIMIT: usize = 8 << 20;
+
 /// Typed config `center`, pushed with `keeperctl config push center FILE`: the tunables of
 /// [`CenterConfig`], applied live by every center. Fields left out take the built-in defaults;
 /// until a document is pushed, each center uses its own file's values.
 ///
 /// Live except `webhook.queue`, `webhook.concurrency`, `fanout.broadcast_keep_s` and
-/// `fanout.broadcast_history` (sizes fixed at start: they apply after a restart), and
-/// `fanout.room_inflight`, which applies to rooms a center starts calling after the change.
+/// `fanout.broadcast_history` (sizes fixed at start: they apply after a restart).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct CenterTuning {
@@ -71,9 +74,9 @@ impl Default for CenterTuning {
 impl CenterTuning {
     /// Checks what serde cannot; the message names the offending field.
     pub fn validate(&self) -> Result<(), String> {
-        if self.max_body_bytes < 1024 {
+        if !(1024..=MAX_BODY_LIMIT).contains(&self.max_body_bytes) {
             return Err(format!(
-                "max_body_bytes must be at least 1024, got {}",
+                "max_body_bytes must be between 1024 and {MAX_BODY_LIMIT} (8 MiB), got {}",
                 self.max_body_bytes
             ));
         }
@@ -86,8 +89,13 @@ impl CenterTuning {
         if self.webhook.max_attempts == 0 {
             return Err("webhook.max_attempts must be at least 1".into());
         }
-        if self.fanout.room_inflight == 0 {
-            return Err("fanout.room_inflight must be at least 1".into());
+        if self.fanout.room_inflight == 0 || self.fanout.register_inflight == 0 {
+            return Err(
+                "fanout.room_inflight and fanout.register_inflight must be at least 1".into(),
+            );
+        }
+        if self.fanout.room_waiters == 0 {
+            return Err("fanout.room_waiters must be at least 1".into());
         }
         if self.fanout.default_ttl_s > self.fanout.max_ttl_s {
             return Err("fanout.default_ttl_s must not exceed fanout.max_ttl_s".into());
@@ -146,6 +154,9 @@ pub struct FanoutConfig {
     /// Callers allowed to wait for a room's turn; beyond this the call fails fast with 503 so
     /// that memory stays bounded.
     pub room_waiters: usize,
+    /// `LookupBatch` calls in flight to one register at once; lookups of requests arriving
+    /// meanwhile are merged into the next call. Waiting lookups are capped by `room_waiters`.
+    pub register_inflight: usize,
     /// Timeout of one RPC to a room or register.
     pub rpc_timeout_ms: u64,
     /// Default `ttl_s` of a push that gives none.
@@ -195,6 +206,7 @@ impl Default for FanoutConfig {
         FanoutConfig {
             room_inflight: 32,
             room_waiters: 4_096,
+            register_inflight: 8,
             rpc_timeout_ms: 3_000,
             default_ttl_s: 60,
             max_ttl_s: 86_400,
@@ -270,6 +282,23 @@ mod tests {
         assert!(err.to_string().contains("htp"), "{err}");
         let err = toml::from_str::<CenterConfig>("[webhook]\nqueu = 3\n").unwrap_err();
         assert!(err.to_string().contains("queu"), "{err}");
+    }
+
+    #[test]
+    fn body_limit_is_bounded_by_what_a_room_decodes() {
+        let mut tuning = CenterTuning {
+            max_body_bytes: MAX_BODY_LIMIT,
+            ..CenterTuning::default()
+        };
+        tuning.validate().unwrap();
+        tuning.max_body_bytes = MAX_BODY_LIMIT + 1;
+        let err = tuning.validate().unwrap_err();
+        assert!(
+            err.contains("max_body_bytes") && err.contains("8 MiB"),
+            "{err}"
+        );
+        tuning.max_body_bytes = 1023;
+        assert!(tuning.validate().is_err());
     }
 
     #[test]

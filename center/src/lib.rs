@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod broadcast;
+pub mod coalesce;
 pub mod config;
 pub mod dispatch;
 pub mod error;

@@ -502,18 +502,15 @@ async fn deliver_round(
                 message: Some(message.clone()),
             })
             .collect();
-        let request = roompb::PushRequest { items };
         async move {
-            let answer = fabric
-                .with_room(&room, move |mut c| async move { c.push(request).await })
-                .await;
+            let answer = fabric.push(&room, items).await;
             (room, users, answer)
         }
     });
     for (room, users, answer) in futures::future::join_all(calls).await {
         match answer {
-            Ok(r) => {
-                round.sessions += u64::from(r.delivered);
+            Ok(delivered) => {
+                round.sessions += delivered.iter().map(|&n| u64::from(n)).sum::<u64>();
                 round
                     .reached
                     .extend(users.into_iter().map(|u| (u, room.clone())));

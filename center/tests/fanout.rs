@@ -157,8 +157,8 @@ impl Room for FakeRoom {
         }
         Ok(Response::new(roompb::PushResponse {
             delivered: n,
-            not_found: 0,
-            dropped: 0,
+            per_item: vec![1; n as usize],
+            ..Default::default()
         }))
     }
     async fn broadcast(
@@ -522,28 +522,31 @@ async fn flow_control_caps_calls_in_flight_and_fails_fast_past_the_waiters() {
     let c = cluster_with(config, vec![room], false).await;
     online(&c.sessions, "alice", "room-1", 1);
     let h = Arc::new(c.h);
-    let calls: Vec<_> = (0..6)
-        .map(|_| {
-            let h = h.clone();
-            tokio::spawn(async move {
-                h.post(
-                    "/v1/apps/demo/push",
-                    Some("k-demo"),
-                    json!({"users": ["alice"], "payload": 1}),
-                )
-                .await
-                .json
-            })
+    let push = |h: Arc<common::Harness>| {
+        tokio::spawn(async move {
+            h.post(
+                "/v1/apps/demo/push",
+                Some("k-demo"),
+                json!({"users": ["alice"], "payload": 1}),
+            )
+            .await
+            .json
         })
-        .collect();
-    // Two calls reach the room; two wait their turn; the other two fail fast (not delivered).
+    };
+    // Two calls reach the room one after the other and are held there: both RPC slots busy.
     let pushes = c.rooms[0].pushes.clone();
-    testkit::wait_until("two pushes in the room", Duration::from_secs(10), || {
-        let n = pushes.lock().unwrap().len();
-        async move { (n == 2).then_some(()) }
-    })
-    .await
-    .unwrap();
+    let mut calls = vec![];
+    for n in 1..=2 {
+        calls.push(push(h.clone()));
+        testkit::wait_until("a push in the room", Duration::from_secs(10), || {
+            let seen = pushes.lock().unwrap().len();
+            async move { (seen == n).then_some(()) }
+        })
+        .await
+        .unwrap();
+    }
+    // Of four more, two wait their turn (and then share one Push); two fail fast.
+    calls.extend((0..4).map(|_| push(h.clone())));
     let finished = testkit::wait_until("two calls refused", Duration::from_secs(10), || {
         let done: Vec<usize> = calls
             .iter()
@@ -565,5 +568,15 @@ async fn flow_control_caps_calls_in_flight_and_fails_fast_past_the_waiters() {
         assert_eq!(*n, if *refused { 0 } else { 1 }, "{sessions:?}");
     }
     assert_eq!(c.rooms[0].max_inflight.load(Ordering::SeqCst), 2);
-    assert_eq!(pushes.lock().unwrap().len(), 4);
+    let items: Vec<usize> = pushes
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|p| p.items.len())
+        .collect();
+    assert_eq!(
+        items,
+        vec![1, 1, 2],
+        "the two waiting calls were merged into one Push"
+    );
 }

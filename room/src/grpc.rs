@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use longlink_proto::roompb;
 use longlink_proto::roompb::room_server::Room;
 use tonic::Request;
@@ -30,23 +31,59 @@ fn message(m: Option<roompb::Message>) -> Result<roompb::Message, Status> {
     Ok(m)
 }
 
+/// Largest gRPC request a room decodes: twice the largest body center can be configured to
+/// accept (`max_body_bytes` ≤ 8 MiB), so that one item always fits.
+pub const MAX_REQUEST_BYTES: usize = 16 << 20;
+
+/// The frame of the previous push item. A multicast sends one message to many users in a row;
+/// their items share one encoding (and every queue a reference to the same bytes).
+struct Encoded {
+    app: String,
+    message: roompb::Message,
+    frame: Bytes,
+}
+
+impl Encoded {
+    /// The frame of `m` for `app`, reusing `last` when it encoded the same message.
+    fn frame(last: &mut Option<Encoded>, app: &str, m: roompb::Message) -> Bytes {
+        if let Some(e) = last
+            && e.app == app
+            && e.message == m
+        {
+            return e.frame.clone();
+        }
+        let frame = Hub::message_frame(app, &m.id, m.qos, m.payload.clone(), m.ts);
+        *last = Some(Encoded {
+            app: app.to_string(),
+            message: m,
+            frame: frame.clone(),
+        });
+        frame
+    }
+}
+
 #[tonic::async_trait]
 impl Room for RoomService {
     async fn push(
         &self,
         req: Request<roompb::PushRequest>,
     ) -> Result<Response<roompb::PushResponse>, Status> {
-        let mut out = roompb::PushResponse::default();
-        for item in req.into_inner().items {
+        let items = req.into_inner().items;
+        let mut out = roompb::PushResponse {
+            per_item: Vec::with_capacity(items.len()),
+            ..Default::default()
+        };
+        let mut last: Option<Encoded> = None;
+        for item in items {
             let m = message(item.message)?;
+            let (id, qos) = (m.id.clone(), m.qos);
             let targets = self.hub.targets(item.conn_id, &item.app, &item.user);
             if targets.is_empty() {
                 // QoS 1 to a user between connections (closed here within the resume window,
                 // not back yet): it waits for the resume instead of being lost.
-                let parked = if m.qos == 1 && item.conn_id == 0 {
-                    let frame = Hub::message_frame(&item.app, &m.id, m.qos, m.payload, m.ts);
-                    self.hub
-                        .park_for_resume(&item.app, &item.user, &m.id, &frame)
+                let parked = if qos == 1 && item.conn_id == 0 {
+                    let frame = Encoded::frame(&mut last, &item.app, m);
+                    self.hub.park_for_resume(&item.app, &item.user, &id, &frame)
                 } else {
                     0
                 };
@@ -54,12 +91,13 @@ impl Room for RoomService {
                     out.not_found += 1;
                 }
                 out.delivered += parked;
+                out.per_item.push(parked);
                 continue;
             }
-            let app = targets[0].app.to_string();
-            let frame = Hub::message_frame(&app, &m.id, m.qos, m.payload, m.ts);
-            let (queued, dropped) = self.hub.deliver_to(&targets, &m.id, m.qos, &frame);
+            let frame = Encoded::frame(&mut last, &targets[0].app, m);
+            let (queued, dropped) = self.hub.deliver_to(&targets, &id, qos, &frame);
             out.delivered += queued;
+            out.per_item.push(queued);
             out.dropped += dropped;
         }
         Ok(Response::new(out))
@@ -128,6 +166,32 @@ impl Room for RoomService {
             pending_qos1: h.pending_count(),
             pending_drops: Stats::get(&s.pending_drops),
             rejected_connections: Stats::get(&s.rejected),
+            presence_drops: Stats::get(&s.presence_drops),
+            events_failed: Stats::get(&s.events_failed),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consecutive_items_of_one_message_share_one_encoding() {
+        let m = |id: &str| roompb::Message {
+            id: id.into(),
+            qos: 1,
+            payload: b"{}".to_vec(),
+            ts: 5,
+        };
+        let mut last = None;
+        let a = Encoded::frame(&mut last, "demo", m("m-1"));
+        let b = Encoded::frame(&mut last, "demo", m("m-1"));
+        assert_eq!(a.as_ptr(), b.as_ptr(), "the second item reused the frame");
+        let other_app = Encoded::frame(&mut last, "other", m("m-1"));
+        assert_ne!(other_app.as_ptr(), b.as_ptr());
+        let other_id = Encoded::frame(&mut last, "other", m("m-2"));
+        assert_ne!(other_id, other_app, "a new message gets its own frame");
+        assert_eq!(a, Hub::message_frame("demo", "m-1", 1, b"{}".to_vec(), 5));
     }
 }

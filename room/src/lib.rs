@@ -177,7 +177,9 @@ pub async fn serve(
     tasks.spawn(hub::resume_sweeper(hub.clone(), shutdown.clone()));
 
     let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
-    let service = RoomServer::new(grpc::RoomService { hub: hub.clone() });
+    // tonic's default of 4 MiB would refuse one push of a payload center accepts (up to 8 MiB).
+    let service = RoomServer::new(grpc::RoomService { hub: hub.clone() })
+        .max_decoding_message_size(grpc::MAX_REQUEST_BYTES);
     let stop = shutdown.clone();
     let grpc_task = tokio::spawn(async move {
         tonic::transport::Server::builder()

@@ -18,6 +18,8 @@ use longlink_client::Frame;
 use longlink_client::Transport;
 use longlink_proto::registerpb;
 use longlink_proto::registerpb::register_client::RegisterClient;
+use longlink_proto::roompb;
+use longlink_proto::roompb::room_client::RoomClient;
 use testkit::KeeperCluster;
 use testkit::Process;
 use testkit::free_port;
@@ -451,4 +453,43 @@ async fn a_session_the_register_lost_is_repaired_by_the_digest() {
     assert_eq!(back[0].room_id, "room-a");
     assert_eq!(back[0].platform, "ios");
     drop(room);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_events_no_center_takes_are_counted_in_stats() {
+    let (keepers, k, endpoint) = keeper_with_apps().await;
+    // demo now has a webhook, so its presence events go to the coordinator; no center runs.
+    let hooked = APPS.replacen(
+        "secret = \"demo-secret\"",
+        "secret = \"demo-secret\"\nwebhook_url = \"http://127.0.0.1:9/hook\"",
+        1,
+    );
+    push_config(&k, "apps", &hooked).await;
+    let (_register, _) = start_register(&keepers, &k, &endpoint).await;
+    let room = start_room(keepers.dir.path(), "room-a", &endpoint);
+    let (c, _) = wait_until("login to room-a", Duration::from_secs(20), || {
+        login(&room.tcp, "alice")
+    })
+    .await
+    .unwrap();
+    drop(c);
+    let client = RoomClient::connect(format!("http://{}", room.grpc))
+        .await
+        .unwrap();
+    // Online and offline are each given up after every attempt found no center.
+    let stats = wait_until("events counted as failed", Duration::from_secs(30), || {
+        let mut client = client.clone();
+        async move {
+            let s = client
+                .stats(roompb::StatsRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            (s.events_failed >= 2).then_some(s)
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(stats.presence_drops, 0, "the queue never filled: {stats:?}");
+    assert_eq!(stats.connections, 0);
 }

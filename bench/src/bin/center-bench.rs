@@ -7,6 +7,9 @@
 //!    center, no register lookup);
 //! 2. end to end: `POST /v1/apps/{app}/push` to center over keep-alive HTTP connections.
 //!
+//! With `--users-per-request K`, each request (HTTP push, or one room `Push` per room in the
+//! baseline) carries K consecutive users, so `--rate` messages/s are `rate / K` requests/s.
+//!
 //! Latency is send -> device received (the HTTP answer comes back independently). Each phase
 //! reports sent, accepted, received, msgs/s received, p50/p99/max; the summary divides the end
 //! to end numbers by the baseline's.
@@ -71,6 +74,9 @@ struct Cli {
     /// Requests in flight: HTTP keep-alive connections (and concurrent room gRPC calls).
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
+    /// Users per request (1 = unicast; more = multicast of the same payload).
+    #[arg(long, default_value_t = 1)]
+    users_per_request: usize,
     /// Print the results as JSON on stdout (progress stays on stderr).
     #[arg(long)]
     json: bool,
@@ -147,6 +153,7 @@ struct Report {
     clients: usize,
     rooms: usize,
     concurrency: usize,
+    users_per_request: usize,
     duration_s: u64,
     connect_s: f64,
     phases: Vec<PhaseResult>,
@@ -162,6 +169,11 @@ async fn main() -> anyhow::Result<()> {
     anyhow::ensure!(
         cli.clients > 0 && cli.rate > 0 && cli.concurrency > 0,
         "clients, rate and concurrency must be positive"
+    );
+    anyhow::ensure!(
+        (1..=cli.clients.min(1000)).contains(&cli.users_per_request)
+            && cli.rate >= cli.users_per_request as u64,
+        "--users-per-request must be 1..=min(clients, 1000) and at most --rate"
     );
     let target = match &cli.keeper {
         Some(endpoints) => connect_target(endpoints, &cli.app).await?,
@@ -188,6 +200,7 @@ async fn main() -> anyhow::Result<()> {
         clients: cli.clients,
         rooms: target.rooms.len(),
         concurrency: cli.concurrency,
+        users_per_request: cli.users_per_request,
         duration_s: cli.duration,
         connect_s,
         ratio_msgs_per_s: ratio(e2e.msgs_per_s, baseline.msgs_per_s),
@@ -482,39 +495,52 @@ impl Sender {
         })
     }
 
-    /// Sends message `seq` to `user`; `Err` names the failure for the error table.
-    async fn send(&self, app: &str, user: &str, stamp: &Stamp) -> Result<(), String> {
+    /// Sends request `seq` to `users`; `Err` names the failure for the error table.
+    async fn send(&self, app: &str, users: &[String], stamp: &Stamp) -> Result<(), String> {
         let payload = serde_json::to_vec(stamp).map_err(|e| e.to_string())?;
         match self {
             Sender::Room(rooms) => {
-                let i = user_index(user) % rooms.len();
-                let mut client = rooms[i].clone();
-                let item = roompb::PushItem {
-                    conn_id: 0,
-                    app: app.into(),
-                    user: user.into(),
-                    message: Some(roompb::Message {
-                        id: format!("b{}", stamp.seq),
-                        qos: 0,
-                        payload,
-                        ts: 0,
-                    }),
-                };
-                let answer = client
-                    .push(roompb::PushRequest { items: vec![item] })
-                    .await
-                    .map_err(|s| format!("grpc {:?}", s.code()))?
-                    .into_inner();
-                match answer.delivered {
-                    1 => Ok(()),
-                    n => Err(format!("delivered {n}")),
+                // One Push per room, as a direct caller that knows every user's room would.
+                let mut by_room: BTreeMap<usize, Vec<roompb::PushItem>> = BTreeMap::new();
+                for user in users {
+                    by_room
+                        .entry(user_index(user) % rooms.len())
+                        .or_default()
+                        .push(roompb::PushItem {
+                            conn_id: 0,
+                            app: app.into(),
+                            user: user.clone(),
+                            message: Some(roompb::Message {
+                                id: format!("b{}", stamp.seq),
+                                qos: 0,
+                                payload: payload.clone(),
+                                ts: 0,
+                            }),
+                        });
+                }
+                let calls = by_room.into_iter().map(|(i, items)| {
+                    let mut client = rooms[i].clone();
+                    async move { client.push(roompb::PushRequest { items }).await }
+                });
+                let mut delivered = 0;
+                for answer in futures::future::join_all(calls).await {
+                    delivered += answer
+                        .map_err(|s| format!("grpc {:?}", s.code()))?
+                        .into_inner()
+                        .delivered as usize;
+                }
+                match delivered == users.len() {
+                    true => Ok(()),
+                    false => Err(format!("delivered {delivered} of {}", users.len())),
                 }
             }
             Sender::Http { client, url, key } => {
-                let body = format!(
-                    "{{\"users\":[\"{user}\"],\"payload\":{}}}",
-                    String::from_utf8_lossy(&payload)
-                );
+                let body = serde_json::json!({
+                    "users": users,
+                    "payload": serde_json::from_slice::<serde_json::Value>(&payload)
+                        .map_err(|e| e.to_string())?,
+                })
+                .to_string();
                 let res = client
                     .post(url)
                     .bearer_auth(key)
@@ -529,7 +555,7 @@ impl Sender {
                     .ok()
                     .and_then(|v| v["sessions"].as_u64());
                 match (status, sessions) {
-                    (200, Some(1)) => Ok(()),
+                    (200, Some(n)) if n == users.len() as u64 => Ok(()),
                     (200, n) => Err(format!("sessions {n:?}")),
                     (s, _) => Err(format!("http {s}")),
                 }
@@ -577,10 +603,14 @@ async fn run_phase(
     } else {
         "end to end: center HTTP push"
     };
-    eprintln!("phase {name}: {} msgs/s for {} s", cli.rate, cli.duration);
+    eprintln!(
+        "phase {name}: {} msgs/s for {} s, {} user(s) per request",
+        cli.rate, cli.duration, cli.users_per_request
+    );
     let sender = Sender::new(target, phase, cli.concurrency)?;
-    let total = cli.rate * cli.duration;
-    let interval_ns = 1_000_000_000 / cli.rate;
+    let per_request = cli.users_per_request as u64;
+    let total = cli.rate * cli.duration / per_request;
+    let interval_ns = 1_000_000_000 * per_request / cli.rate;
     let sent = Arc::new(Sent::new());
     let start = tokio::time::Instant::now();
     let start_us = now_us();
@@ -596,9 +626,11 @@ async fn run_phase(
                         seq,
                         sent_us: now_us(),
                     };
-                    let user = format!("u{}", seq % clients);
-                    let result = sender.send(&app, &user, &stamp).await;
-                    record(&sent, stamp.sent_us, result);
+                    let users: Vec<String> = (seq * per_request..(seq + 1) * per_request)
+                        .map(|i| format!("u{}", i % clients))
+                        .collect();
+                    let result = sender.send(&app, &users, &stamp).await;
+                    record(&sent, stamp.sent_us, per_request, result);
                 }
             })
         })
@@ -617,8 +649,9 @@ async fn run_phase(
     Ok(result(name, cli.rate, start_us, send_s, &sent, received))
 }
 
-fn record(sent: &Sent, sent_us: u64, result: Result<(), String>) {
-    sent.sent.fetch_add(1, Ordering::Relaxed);
+/// Counts one request of `messages` messages (one per user).
+fn record(sent: &Sent, sent_us: u64, messages: u64, result: Result<(), String>) {
+    sent.sent.fetch_add(messages, Ordering::Relaxed);
     let took = now_us().saturating_sub(sent_us).max(1);
     sent.answer_us
         .lock()
@@ -626,7 +659,7 @@ fn record(sent: &Sent, sent_us: u64, result: Result<(), String>) {
         .saturating_record(took);
     match result {
         Ok(()) => {
-            sent.accepted.fetch_add(1, Ordering::Relaxed);
+            sent.accepted.fetch_add(messages, Ordering::Relaxed);
         }
         Err(e) => {
             *sent
@@ -634,7 +667,7 @@ fn record(sent: &Sent, sent_us: u64, result: Result<(), String>) {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .entry(e)
-                .or_default() += 1;
+                .or_default() += messages;
         }
     }
 }
@@ -712,8 +745,13 @@ fn print_report(report: &Report, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{} clients on {} room(s), concurrency {}, {} s per phase (connect {:.1} s)",
-        report.clients, report.rooms, report.concurrency, report.duration_s, report.connect_s
+        "{} clients on {} room(s), concurrency {}, {} user(s) per request, {} s per phase (connect {:.1} s)",
+        report.clients,
+        report.rooms,
+        report.concurrency,
+        report.users_per_request,
+        report.duration_s,
+        report.connect_s
     );
     for p in &report.phases {
         println!("{}", p.name);
