@@ -1,13 +1,14 @@
 //! One device connection from accept to close: handshake (first frame `auth` within the
 //! handshake timeout), registration, `welcome`, then one task that reads frames, writes the
-//! outbound queue, answers pings and closes idle connections (3 missed heartbeats).
+//! outbound queue and answers pings. Idle connections (3 missed heartbeats) are closed by the
+//! hub's sweeper through the outbox, like kicks.
 
+use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use longlink_client::Frame;
 use longlink_proto::clientpb;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::Permit;
@@ -108,46 +109,65 @@ async fn handshake<W: Wire>(
 }
 
 /// Runs one accepted connection to its end. `permit` is held until then.
-pub async fn serve<W: Wire>(
+///
+/// A plain fn returning an `async move` block, not an `async fn`: an async fn's arguments are
+/// stored twice in its future (as arguments, then as the locals they are moved into), and this
+/// future lives as long as the connection.
+#[allow(clippy::manual_async_fn)]
+pub fn serve<W: Wire>(
     hub: Arc<Hub>,
     mut wire: W,
     ip: IpAddr,
     permit: Permit,
     shutdown: CancellationToken,
-) {
-    let _permit = permit;
-    // Boxed: the handshake's state is freed once it is done, so a long-lived idle connection's
-    // task is only as large as the main loop's state.
-    let (conn, leftover) = match Box::pin(handshake(&hub, &mut wire, ip, &shutdown)).await {
-        Ok(x) => x,
-        Err(Refused::Error(code, message)) => return refuse(wire, code, &message).await,
-        Err(Refused::Gone) => return,
-    };
-    hub.insert(&conn);
-    hub.redeliver(&conn);
-    metrics::gauge!("room_connections").increment(1.0);
-    tracing::debug!(conn = conn.id, app = %conn.app, user = %conn.user, "authenticated");
+) -> impl Future<Output = ()> + Send {
+    async move {
+        // Boxed: the handshake's state is freed once it is done, so a long-lived idle connection's
+        // task is only as large as the main loop's state.
+        let (conn, leftover) = match Box::pin(handshake(&hub, &mut wire, ip, &shutdown)).await {
+            Ok(x) => x,
+            Err(Refused::Error(code, message)) => {
+                return Box::pin(refuse(wire, code, &message)).await;
+            }
+            Err(Refused::Gone) => return,
+        };
+        hub.insert(&conn);
+        hub.redeliver(&conn);
+        metrics::gauge!("room_connections").increment(1.0);
+        tracing::debug!(conn = conn.id, app = %conn.app, user = %conn.user, "authenticated");
 
-    let end = if let Err(end) = handle_frames(&hub, &conn, leftover) {
-        end
-    } else {
-        run(&hub, &conn, &mut wire, &shutdown).await
-    };
-    hub.remove(&conn);
-    metrics::gauge!("room_connections").decrement(1.0);
-    match end {
-        End::Error(code, message) => refuse(wire, code, &message).await,
-        End::Final(frame) => {
-            let _ = tokio::time::timeout(LINGER, wire.write_frame(&frame)).await;
-            wire.close().await;
+        // The hub's sweeper closes every connection it knows at shutdown; one that was inserted
+        // after that sweep sees the cancellation here.
+        let end = if shutdown.is_cancelled() {
+            End::Error(code::SHUTTING_DOWN, "room is shutting down".into())
+        } else if let Err(end) = handle_frames(&hub, &conn, leftover) {
+            end
+        } else {
+            run(&hub, &conn, &mut wire).await
+        };
+        hub.remove(&conn);
+        metrics::gauge!("room_connections").decrement(1.0);
+        // Boxed, like the handshake: the closing steps (a linger timer, a drain buffer) would
+        // otherwise be part of every idle connection's task.
+        match end {
+            End::Error(code, message) => Box::pin(refuse(wire, code, &message)).await,
+            End::Final(frame) => {
+                Box::pin(async move {
+                    let _ = tokio::time::timeout(LINGER, wire.write_frame(&frame)).await;
+                    wire.close().await;
+                })
+                .await
+            }
+            End::Quiet => Box::pin(wire.close()).await,
+            End::Gone => {}
         }
-        End::Quiet => wire.close().await,
-        End::Gone => {}
+        // Held until here (an early return drops it with the future).
+        drop(permit);
     }
 }
 
 /// How the main loop ended.
-enum End {
+pub(crate) enum End {
     /// Send this error and close.
     Error(&'static str, String),
     /// Send this encoded frame (kick) and close.
@@ -177,11 +197,14 @@ fn handle_frames(hub: &Hub, conn: &Conn, frames: Vec<Frame>) -> Result<(), End> 
     Ok(())
 }
 
-async fn run<W: Wire>(hub: &Hub, conn: &Conn, wire: &mut W, shutdown: &CancellationToken) -> End {
-    let mut last_heard = Instant::now();
+/// Reads frames and writes the outbound queue until the connection ends. Idle connections and
+/// shutdown are handled by the hub's sweeper, which closes the outbox: this future holds no
+/// timer and no cancellation waiter, so an idle connection's task stays small.
+pub(crate) async fn run<W: Wire>(hub: &Hub, conn: &Conn, wire: &mut W) -> End {
     let mut frames = Vec::new();
     'outer: loop {
-        // Write everything queued; a close (kick, slow consumer) interrupts a blocked write.
+        // Write everything queued; a close (kick, slow consumer, idle, shutdown) interrupts a
+        // blocked write.
         loop {
             match conn.outbox.pop() {
                 Next::Frame(f) => {
@@ -201,19 +224,14 @@ async fn run<W: Wire>(hub: &Hub, conn: &Conn, wire: &mut W, shutdown: &Cancellat
                 Next::Close(Closing::Final(f)) => return End::Final(f),
             }
         }
-        let limits = hub.limits();
-        let idle_at = last_heard + limits.idle_timeout();
         tokio::select! {
             biased;
-            _ = shutdown.cancelled() => {
-                return End::Error(code::SHUTTING_DOWN, "room is shutting down".into());
-            }
             _ = conn.outbox.wait() => {}
             r = wire.read_frames(|| hub.limits().max_frame_bytes, &mut frames) => match r {
                 Ok(n) => {
                     Stats::add(&hub.stats.bytes_in, n as u64);
                     if !frames.is_empty() {
-                        last_heard = Instant::now();
+                        hub.heard(conn);
                         if let Err(end) = handle_frames(hub, conn, std::mem::take(&mut frames)) {
                             return end;
                         }
@@ -222,13 +240,6 @@ async fn run<W: Wire>(hub: &Hub, conn: &Conn, wire: &mut W, shutdown: &Cancellat
                 Err(ReadError::Frame(e)) => return End::Error(e.code(), e.to_string()),
                 Err(ReadError::Closed) | Err(ReadError::Io(_)) => return End::Gone,
             },
-            _ = tokio::time::sleep_until(idle_at) => {
-                let secs = limits.idle_timeout().as_secs();
-                return End::Error(
-                    code::IDLE_TIMEOUT,
-                    format!("no frame for {secs} s (3 heartbeats of heartbeat_s = {})", limits.heartbeat_s),
-                );
-            }
         }
     }
 }

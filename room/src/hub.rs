@@ -21,12 +21,14 @@ use longlink_common::AppsConfig;
 use longlink_common::SLOTS;
 use longlink_common::slot_of;
 use longlink_proto::clientpb;
+use smallvec::SmallVec;
 use tokio::sync::mpsc;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::auth::Identity;
 use crate::config::RoomLimits;
+use crate::error::code;
 use crate::outbox::Closing;
 use crate::outbox::Outbox;
 use crate::outbox::PushError;
@@ -99,6 +101,10 @@ pub struct Conn {
     pub outbox: Outbox,
     /// Oldest first; capped by `max_pending_qos1` (the oldest is dropped and counted beyond it).
     pending: Mutex<VecDeque<Pending>>,
+    /// When the device last sent a frame, in ms of the hub's clock ([`Hub::heard`]); the hub's
+    /// sweeper closes connections silent for 3 heartbeats. A shared sweep instead of a timer in
+    /// every connection's task keeps idle connections small.
+    last_heard_ms: AtomicU64,
 }
 
 impl Conn {
@@ -150,9 +156,18 @@ struct Registry {
     /// Authenticated connections whose Attach is in flight: in `by_slot` (a Sync of their slot
     /// must not drop them from the register) but not reachable by pushes before `welcome`.
     attaching: HashMap<u64, Arc<Conn>>,
-    by_user: HashMap<(Arc<str>, Arc<str>), Vec<u64>>,
-    by_app: HashMap<Arc<str>, HashSet<u64>>,
+    /// Per app, its users' connections; the app id is held once per app.
+    by_app: HashMap<Arc<str>, AppIndex>,
     by_slot: HashMap<u16, HashSet<u64>>,
+}
+
+/// The connections of one app, by user.
+#[derive(Default)]
+struct AppIndex {
+    /// Most users have one connection here: kept inline, without an allocation per user.
+    users: HashMap<Arc<str>, SmallVec<[u64; 1]>>,
+    /// Connections of the app (the sum of `users`' lengths).
+    conns: usize,
 }
 
 impl Registry {
@@ -200,6 +215,10 @@ pub struct Hub {
     /// whose snapshot is older than the last bump may have overwritten a newer Attach or Detach
     /// at the register, and is sent again (see `registrar::sync_slot`).
     slot_changes: Box<[AtomicU64]>,
+    /// The origin of [`Conn::last_heard_ms`].
+    clock: Instant,
+    /// The empty string, shared by every connection without a device or platform.
+    empty: Arc<str>,
 }
 
 pub fn now_ms() -> i64 {
@@ -230,7 +249,80 @@ impl Hub {
             events,
             sessions: RwLock::new(None),
             slot_changes: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            clock: Instant::now(),
+            empty: Arc::from(""),
         })
+    }
+
+    fn clock_ms(&self) -> u64 {
+        self.clock.elapsed().as_millis() as u64
+    }
+
+    /// The app id as the connections of that app already hold it (one allocation per app, not
+    /// per connection).
+    fn intern_app(&self, app: &str) -> Arc<str> {
+        let reg = self.reg.read().unwrap_or_else(|e| e.into_inner());
+        match reg.by_app.get_key_value(app) {
+            Some((shared, _)) => shared.clone(),
+            None => app.into(),
+        }
+    }
+
+    /// `value` as an `Arc<str>`; the empty string (no `dev` or `plat` claim) is one shared
+    /// allocation.
+    fn shared_if_empty(&self, value: String) -> Arc<str> {
+        if value.is_empty() {
+            self.empty.clone()
+        } else {
+            value.into()
+        }
+    }
+
+    /// Records that `conn`'s device just sent a frame (it is not idle).
+    pub fn heard(&self, conn: &Conn) {
+        conn.last_heard_ms.store(self.clock_ms(), Ordering::Relaxed);
+    }
+
+    /// Closes, with an `idle_timeout` error, every connection that sent no frame for 3
+    /// heartbeats; returns how many.
+    pub fn close_idle(&self) -> usize {
+        let limits = self.limits();
+        let idle = limits.idle_timeout();
+        let now = self.clock_ms();
+        let limit_ms = idle.as_millis() as u64;
+        let silent: Vec<Arc<Conn>> = {
+            let reg = self.reg.read().unwrap_or_else(|e| e.into_inner());
+            reg.conns
+                .values()
+                .filter(|c| now.saturating_sub(c.last_heard_ms.load(Ordering::Relaxed)) >= limit_ms)
+                .cloned()
+                .collect()
+        };
+        if silent.is_empty() {
+            return 0;
+        }
+        let message = format!(
+            "no frame for {} s (3 heartbeats of heartbeat_s = {})",
+            idle.as_secs(),
+            limits.heartbeat_s
+        );
+        let frame = Frame::error(code::IDLE_TIMEOUT, &message).encode();
+        silent
+            .iter()
+            .filter(|c| c.outbox.close(Closing::Final(frame.clone())))
+            .count()
+    }
+
+    /// Closes every connection with an error frame `code`/`message` (the room is stopping).
+    pub fn close_all(&self, code: &str, message: &str) {
+        let frame = Frame::error(code, message).encode();
+        let conns: Vec<Arc<Conn>> = {
+            let reg = self.reg.read().unwrap_or_else(|e| e.into_inner());
+            reg.conns.values().cloned().collect()
+        };
+        for c in conns {
+            c.outbox.close(Closing::Final(frame.clone()));
+        }
     }
 
     /// The change count of `slot` (see `slot_changes`); compare two readings around a Sync.
@@ -267,15 +359,16 @@ impl Hub {
         Arc::new(Conn {
             id: self.next_conn.fetch_add(1, Ordering::Relaxed),
             slot: slot_of(&id.app, &id.user),
-            app: id.app.into(),
+            app: self.intern_app(&id.app),
             user: id.user.into(),
-            device: id.device.into(),
-            platform: id.platform.into(),
+            device: self.shared_if_empty(id.device),
+            platform: self.shared_if_empty(id.platform),
             ip,
             connected_at_ms: now_ms(),
             ws,
             outbox: Outbox::default(),
             pending: Mutex::new(VecDeque::new()),
+            last_heard_ms: AtomicU64::new(self.clock_ms()),
         })
     }
 
@@ -308,14 +401,12 @@ impl Hub {
         let mut reg = self.reg.write().unwrap_or_else(|e| e.into_inner());
         reg.attaching.remove(&conn.id);
         reg.conns.insert(conn.id, conn.clone());
-        reg.by_user
-            .entry((conn.app.clone(), conn.user.clone()))
+        let app = reg.by_app.entry(conn.app.clone()).or_default();
+        app.users
+            .entry(conn.user.clone())
             .or_default()
             .push(conn.id);
-        reg.by_app
-            .entry(conn.app.clone())
-            .or_default()
-            .insert(conn.id);
+        app.conns += 1;
         reg.by_slot.entry(conn.slot).or_default().insert(conn.id);
         drop(reg);
         self.presence(conn, EventKind::Online);
@@ -409,16 +500,16 @@ impl Hub {
         if reg.conns.remove(&conn.id).is_none() {
             return;
         }
-        let key = (conn.app.clone(), conn.user.clone());
-        if let Some(ids) = reg.by_user.get_mut(&key) {
-            ids.retain(|i| *i != conn.id);
-            if ids.is_empty() {
-                reg.by_user.remove(&key);
+        if let Some(app) = reg.by_app.get_mut(&conn.app) {
+            if let Some(ids) = app.users.get_mut(&conn.user) {
+                let before = ids.len();
+                ids.retain(|i| *i != conn.id);
+                app.conns -= before - ids.len();
+                if ids.is_empty() {
+                    app.users.remove(&conn.user);
+                }
             }
-        }
-        if let Some(set) = reg.by_app.get_mut(&conn.app) {
-            set.remove(&conn.id);
-            if set.is_empty() {
+            if app.conns == 0 {
                 reg.by_app.remove(&conn.app);
             }
         }
@@ -567,9 +658,9 @@ impl Hub {
 
     fn conns_of_user(&self, app: &str, user: &str) -> Vec<Arc<Conn>> {
         let reg = self.reg.read().unwrap_or_else(|e| e.into_inner());
-        let key: (Arc<str>, Arc<str>) = (app.into(), user.into());
-        reg.by_user
-            .get(&key)
+        reg.by_app
+            .get(app)
+            .and_then(|a| a.users.get(user))
             .map(|ids| {
                 ids.iter()
                     .filter_map(|i| reg.conns.get(i).cloned())
@@ -630,8 +721,10 @@ impl Hub {
         let reg = self.reg.read().unwrap_or_else(|e| e.into_inner());
         reg.by_app
             .get(app)
-            .map(|ids| {
-                ids.iter()
+            .map(|a| {
+                a.users
+                    .values()
+                    .flatten()
                     .filter_map(|i| reg.conns.get(i).cloned())
                     .collect()
             })
@@ -672,7 +765,7 @@ impl Hub {
         let reg = self.reg.read().unwrap_or_else(|e| e.into_inner());
         reg.by_app
             .iter()
-            .map(|(a, s)| (a.to_string(), s.len() as u64))
+            .map(|(a, index)| (a.to_string(), index.conns as u64))
             .collect()
     }
 
@@ -715,15 +808,27 @@ impl Hub {
 }
 
 /// Periodically forgets resumable sessions past their window.
-pub async fn resume_sweeper(hub: Arc<Hub>, shutdown: tokio_util::sync::CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+/// The hub's periodic work: forgets expired resume windows, closes idle connections, and at
+/// `shutdown` closes every connection with a `shutting_down` error.
+pub async fn sweeper(hub: Arc<Hub>, shutdown: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => { hub.expire_resumes(); }
+            _ = shutdown.cancelled() => {
+                hub.close_all(code::SHUTTING_DOWN, "room is shutting down");
+                return;
+            }
+            _ = tick.tick() => {
+                hub.expire_resumes();
+                hub.close_idle();
+            }
         }
     }
 }
+
+/// How often [`sweeper`] runs: an idle connection is closed at most this late.
+pub const SWEEP_EVERY: Duration = Duration::from_millis(500);
 
 #[cfg(test)]
 mod tests {

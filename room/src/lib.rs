@@ -174,7 +174,7 @@ pub async fn serve(
         tasks.clone(),
         shutdown.clone(),
     ));
-    tasks.spawn(hub::resume_sweeper(hub.clone(), shutdown.clone()));
+    tasks.spawn(hub::sweeper(hub.clone(), shutdown.clone()));
 
     let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
     // tonic's default of 4 MiB would refuse one push of a payload center accepts (up to 8 MiB).

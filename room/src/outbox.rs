@@ -4,10 +4,16 @@
 //! and closed; its memory never grows past the caps. An empty queue holds no allocation.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::future::poll_fn;
 use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
+use std::task::Context;
+use std::task::Poll;
 
 use bytes::Bytes;
-use tokio::sync::Notify;
+use futures::task::AtomicWaker;
 
 /// Why the connection is being closed by the room.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,8 +53,12 @@ struct State {
 #[derive(Default)]
 pub struct Outbox {
     state: Mutex<State>,
-    /// Wakes the connection's task on a push or a close (a permit is stored if it is busy).
-    notify: Notify,
+    /// Set by a push or a close, taken by the writer's wait: a signal sent while the writer is
+    /// busy is not lost.
+    signal: AtomicBool,
+    /// The connection's task, woken on a signal. Only that one task ever waits here, so one
+    /// waker slot replaces a waiter list (and the wait future holds no list node).
+    waker: AtomicWaker,
 }
 
 impl Outbox {
@@ -66,13 +76,13 @@ impl Outbox {
         if s.queue.len() >= max_messages || s.bytes + frame.len() > max_bytes {
             s.closing = Some(Closing::SlowConsumer);
             drop(s);
-            self.notify.notify_one();
+            self.signal();
             return Err(PushError::Full);
         }
         s.bytes += frame.len();
         s.queue.push_back(frame);
         drop(s);
-        self.notify.notify_one();
+        self.signal();
         Ok(())
     }
 
@@ -84,7 +94,7 @@ impl Outbox {
         }
         s.closing = Some(closing);
         drop(s);
-        self.notify.notify_one();
+        self.signal();
         true
     }
 
@@ -121,15 +131,33 @@ impl Outbox {
         (s.queue.len(), s.bytes)
     }
 
+    fn signal(&self) {
+        self.signal.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    fn poll_wait(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.signal.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        // A signal between the check and the registration would otherwise be missed.
+        if self.signal.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+
     /// Waits for a push or a close (returns at once if one happened since the last wait).
-    pub async fn wait(&self) {
-        self.notify.notified().await
+    /// Only the connection's own task may wait.
+    pub fn wait(&self) -> impl Future<Output = ()> + '_ {
+        poll_fn(|cx| self.poll_wait(cx))
     }
 
     /// Waits until the outbox is closing.
     pub async fn closing(&self) {
         while !self.is_closing() {
-            self.notify.notified().await;
+            self.wait().await;
         }
     }
 }

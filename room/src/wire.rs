@@ -143,7 +143,12 @@ impl Wire for TcpWire {
         out: &mut Vec<Frame>,
     ) -> Result<usize, ReadError> {
         loop {
-            self.stream.readable().await.map_err(ReadError::Io)?;
+            // poll_read_ready keeps the waker in the socket's registration: unlike
+            // `readable()`, the waiting future holds no waiter node (an idle connection waits
+            // here all its life).
+            std::future::poll_fn(|cx| self.stream.poll_read_ready(cx))
+                .await
+                .map_err(ReadError::Io)?;
             if let Some(n) = self.read_ready(max_frame(), out)? {
                 return Ok(n);
             }

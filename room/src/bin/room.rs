@@ -36,8 +36,31 @@ struct Cli {
     telemetry: telemetry::Flags,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    one_malloc_arena();
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(serve()),
+        Err(e) => {
+            eprintln!("room: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// glibc gives threads their own malloc arenas; a room's many small long-lived allocations per
+/// connection (task, connection state, index entries) then fragment across them. One arena
+/// measured ~70 B less RSS per idle connection (docs/benchmarks.md); threads keep their
+/// lock-free tcache for small allocations. Set before the runtime's threads exist.
+fn one_malloc_arena() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes allocator parameters; no allocation is in flight from other
+    // threads here, as none has been started yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
+async fn serve() -> ExitCode {
     let cli = Cli::parse();
     if let Err(e) = telemetry::init(&cli.telemetry) {
         eprintln!("room: {e}");
