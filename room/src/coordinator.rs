@@ -92,13 +92,12 @@ impl Reporter {
     }
 }
 
-/// Follows discovery of `center` and starts the sender task on `queued`.
-pub async fn start(
-    keeper: &keeper_sdk::Keeper,
+/// Starts the sender task on `queued`, following `discovery` of service `center`.
+pub fn start(
+    discovery: keeper_sdk::Discovery,
     hub: Arc<Hub>,
     queued: mpsc::Receiver<DeviceEvent>,
-) -> Result<Reporter, String> {
-    let discovery = keeper.discover("center").await.map_err(|e| e.to_string())?;
+) -> Reporter {
     let centers = Centers {
         discovery,
         clients: Clients::new(CoordinatorClient::new, RPC_TIMEOUT),
@@ -106,7 +105,7 @@ pub async fn start(
     };
     let stop = CancellationToken::new();
     let task = tokio::spawn(send_loop(centers, hub, queued, stop.clone()));
-    Ok(Reporter { stop, task })
+    Reporter { stop, task }
 }
 
 /// The wire form of one event.

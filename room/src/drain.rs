@@ -53,11 +53,17 @@ pub async fn serve_commands(
     hub: Arc<Hub>,
     shutdown: CancellationToken,
 ) {
-    let mut commands = match keeper.commands("room", &id).await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!("cannot follow control commands: {e}");
-            return;
+    // The keeper may be unreachable right now: keep trying, a room must stay drainable.
+    let mut commands = loop {
+        match keeper.commands("room", &id).await {
+            Ok(c) => break c,
+            Err(e) => {
+                tracing::warn!("cannot follow control commands yet: {e}");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
         }
     };
     loop {

@@ -225,6 +225,12 @@ pub async fn run(config: RoomConfig, shutdown: CancellationToken) -> Result<()> 
     let registrar = registrar::start(keeper.clone(), config.id.clone(), shutdown.clone())
         .await
         .map_err(|e| Error::Keeper(format!("register routing: {e}")))?;
+    // Everything that needs the keeper at start is done before devices can connect: a keeper
+    // lost after that must not stop a room that is serving.
+    let centers = keeper
+        .discover("center")
+        .await
+        .map_err(|e| Error::Keeper(format!("center discovery: {e}")))?;
     let (events, queued) = coordinator::channel();
     let hooks = Hooks {
         events: Some(events),
@@ -232,9 +238,7 @@ pub async fn run(config: RoomConfig, shutdown: CancellationToken) -> Result<()> 
     };
     let running = serve(&config, bound, sources, hooks, shutdown.clone()).await?;
     registrar.spawn_sync(running.hub.clone(), shutdown.clone());
-    let reporter = coordinator::start(&keeper, running.hub.clone(), queued)
-        .await
-        .map_err(|e| Error::Keeper(format!("center discovery: {e}")))?;
+    let reporter = coordinator::start(centers, running.hub.clone(), queued);
     let drainer = tokio::spawn(drain::serve_commands(
         keeper.clone(),
         config.id.clone(),
