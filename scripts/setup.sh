@@ -10,6 +10,7 @@ packages=(
   etcd-server    # etcd: the keeper benchmark's baseline
   iproute2 iptables  # jepsen-tests: network namespaces and partitions
   curl               # scripts/cluster.sh health checks
+  python3 python3-venv  # center/scripts/schemathesis.sh (schemathesis comes from PyPI)
   protobuf-compiler libprotobuf-dev  # protoc + well-known types for the etcd-client crate (tests only; our own protos use a vendored protoc)
 )
 

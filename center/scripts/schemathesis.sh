@@ -6,13 +6,23 @@
 #
 #   center/scripts/schemathesis.sh                 # needs python3; installs schemathesis in a venv
 #   ST_MAX_EXAMPLES=500 center/scripts/schemathesis.sh
+#   center/scripts/schemathesis.sh --seed 1       # extra arguments go to `st run`
+# Exits 3 when schemathesis cannot be installed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/longlink-target}"
 venv="${ST_VENV:-/var/tmp/center-st-venv}"
-[[ -x $venv/bin/st ]] || { python3 -m venv "$venv" && "$venv/bin/pip" install -q schemathesis; }
+if [[ ! -x $venv/bin/st ]]; then
+  # Exit 3: the tool could not be installed (no PyPI), which is not a finding about the API.
+  if ! { python3 -m venv "$venv" && "$venv/bin/pip" install -q schemathesis; }; then
+    rm -rf "$venv"
+    echo "schemathesis: cannot install it from PyPI into $venv" >&2
+    exit 3
+  fi
+fi
 
-cargo build -p center --example standalone
+# The one debug crate set (docs/decisions.md, "One build"); examples are among --all-targets.
+cargo build --workspace --all-targets --locked
 port="${ST_PORT:-18080}"
 "$CARGO_TARGET_DIR/debug/examples/standalone" "127.0.0.1:$port" "127.0.0.1:$((port + 1))" &
 pid=$!

@@ -157,6 +157,12 @@ async fn strict_json<T: DeserializeOwned>(
     } else {
         &bytes
     };
+    // serde would also build a struct from an array of its fields: every body is an object.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(Error::BadRequest(
+            "invalid JSON body: expected a JSON object".into(),
+        ));
+    }
     serde_json::from_slice(bytes).map_err(|e| Error::BadRequest(format!("invalid JSON body: {e}")))
 }
 

@@ -49,6 +49,22 @@ async fn error_paths_return_the_documented_status_and_shape() {
         .send("POST", push, Some("k-demo"), Some("{\"users\": [".into()))
         .await;
     assert!(a.error(400, "bad_request").contains("invalid JSON"));
+    // A struct's fields as an array is not an object (serde alone would accept it).
+    let m = h
+        .post(push, Some("k-demo"), json!([["u"], false, 1]))
+        .await
+        .error(400, "bad_request");
+    assert!(m.contains("expected a JSON object"), "{m}");
+    let m = h
+        .send(
+            "POST",
+            "/v1/apps/demo/users/u/kick",
+            Some("k-demo"),
+            Some("[]".into()),
+        )
+        .await
+        .error(400, "bad_request");
+    assert!(m.contains("expected a JSON object"), "{m}");
     let m = h
         .post(
             push,
