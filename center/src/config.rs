@@ -204,9 +204,9 @@ impl Default for WebhookConfig {
 impl Default for FanoutConfig {
     fn default() -> Self {
         FanoutConfig {
-            room_inflight: 32,
+            room_inflight: 4,
             room_waiters: 4_096,
-            register_inflight: 8,
+            register_inflight: 2,
             rpc_timeout_ms: 3_000,
             default_ttl_s: 60,
             max_ttl_s: 86_400,
