@@ -5,6 +5,7 @@
 #
 #   scripts/bench-room.sh                      # 27 rooms x 19 000 connections (~513k)
 #   ROOMS=2 PER_ROOM=5000 scripts/bench-room.sh   # a quick run
+#   STORM_PROCS=8 scripts/bench-room.sh          # storm clients in 8 processes (default 4)
 #
 # One keeper, one register, ROOMS rooms and ROOMS `longlink-bench conns` processes (a process may
 # hold at most 20 000 descriptors here), each bench on its own 127.x source addresses. Results
@@ -16,6 +17,7 @@ cd "$(dirname "$0")/.."
 ROOMS="${ROOMS:-27}"
 PER_ROOM="${PER_ROOM:-19000}"
 STORM="${STORM:-19000}"
+STORM_PROCS="${STORM_PROCS:-4}"
 FANOUT="${FANOUT:-10000}"
 SECRET="bench-secret-$RANDOM$RANDOM"
 log() { echo "bench-room: $*" >&2; }
@@ -143,10 +145,30 @@ print(f"room RSS per idle authenticated connection: median {row['bytes_per_conn_
 PY
 
 # Storm and fan-out against room-0, now empty again.
-log "storm: $STORM clients at once (and as many bare TCP connects)"
-"$bin/longlink-bench" --addr 127.0.0.1:30000 --app bench --secret "$SECRET" \
-  --sources 127.250.0.1,127.250.0.2 --user-prefix storm --concurrency 1024 \
-  --json storm --n "$STORM" | tee -a "$out/results.jsonl"
+log "storm: $STORM clients at once from $STORM_PROCS processes (and as many bare TCP connects)"
+# One process is limited by its own connects (bind to a source address, 1 024 in flight); several
+# processes on their own 127.x addresses, started together, each take STORM / STORM_PROCS. Their
+# rates are combined as total / slowest process's time, per phase.
+storm_pids=()
+for ((p = 0; p < STORM_PROCS; p++)); do
+  "$bin/longlink-bench" --addr 127.0.0.1:30000 --app bench --secret "$SECRET" \
+    --sources "127.$((200 + p)).0.1,127.$((200 + p)).0.2" --user-prefix "storm$p" --concurrency 1024 \
+    --json storm --n $((STORM / STORM_PROCS)) >"$work/storm-$p.json" 2>"$work/storm-$p.err" &
+  storm_pids+=("$!")
+  pids+=("$!")
+done
+for p in "${storm_pids[@]}"; do
+  wait "$p" || { log "a storm process failed:"; tail -n 3 "$work"/storm-*.err >&2; exit 1; }
+done
+python3 - "$work" "$STORM_PROCS" <<'PY' | tee -a "$out/results.jsonl"
+import glob, json, sys
+rows = [json.loads(open(f).read().strip().splitlines()[-1]) for f in sorted(glob.glob(sys.argv[1] + "/storm-*.json"))]
+n = sum(r["n"] for r in rows)
+hs = n / max(r["n"] / r["handshakes_per_s"] for r in rows)
+tcp = n / max(r["n"] / r["tcp_connects_per_s"] for r in rows)
+print(json.dumps({"mode": "storm", "procs": int(sys.argv[2]), "n": n, "handshakes_per_s": hs,
+                  "tcp_connects_per_s": tcp, "ratio": hs / tcp}))
+PY
 log "fanout: broadcast to $FANOUT connections, 10 rounds"
 "$bin/longlink-bench" --addr 127.0.0.1:30000 --app bench --secret "$SECRET" \
   --sources 127.251.0.1 --user-prefix fan \

@@ -87,10 +87,23 @@ pub fn discovery_addrs(bound: &Bound, host: Option<&str>) -> BTreeMap<String, St
     ])
 }
 
+/// Connections the kernel may hold for a listener before `accept` (capped by
+/// `net.core.somaxconn`). tokio's default of 1024 overflowed in reconnect storms: every dropped
+/// SYN costs the device a 1 s retransmit.
+const LISTEN_BACKLOG: u32 = 65_535;
+
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Bind { what, addr, source })
+    let bind = || -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    bind().map_err(|source| Error::Bind { what, addr, source })
 }
 
 /// The three listeners, bound but not yet serving.
