@@ -36,10 +36,14 @@ fn message(m: Option<roompb::Message>) -> Result<roompb::Message, Status> {
 pub const MAX_REQUEST_BYTES: usize = 16 << 20;
 
 /// The frame of the previous push item. A multicast sends one message to many users in a row;
-/// their items share one encoding (and every queue a reference to the same bytes).
+/// their items share one encoding (and every queue a reference to the same bytes). A message is
+/// known by its id, as devices deduplicate by it; the payload is not kept for comparing, so a
+/// run of different messages (merged unicasts) costs no extra copy.
 struct Encoded {
     app: String,
-    message: roompb::Message,
+    id: String,
+    qos: u32,
+    ts: i64,
     frame: Bytes,
 }
 
@@ -47,15 +51,17 @@ impl Encoded {
     /// The frame of `m` for `app`, reusing `last` when it encoded the same message.
     fn frame(last: &mut Option<Encoded>, app: &str, m: roompb::Message) -> Bytes {
         if let Some(e) = last
-            && e.app == app
-            && e.message == m
+            && !m.id.is_empty()
+            && (e.app.as_str(), e.id.as_str(), e.qos, e.ts) == (app, m.id.as_str(), m.qos, m.ts)
         {
             return e.frame.clone();
         }
-        let frame = Hub::message_frame(app, &m.id, m.qos, m.payload.clone(), m.ts);
+        let frame = Hub::message_frame(app, &m.id, m.qos, m.payload, m.ts);
         *last = Some(Encoded {
             app: app.to_string(),
-            message: m,
+            id: m.id,
+            qos: m.qos,
+            ts: m.ts,
             frame: frame.clone(),
         });
         frame
