@@ -167,7 +167,7 @@ pub fn serve<W: Wire>(
 }
 
 /// How the main loop ended.
-pub(crate) enum End {
+enum End {
     /// Send this error and close.
     Error(&'static str, String),
     /// Send this encoded frame (kick) and close.
@@ -200,7 +200,7 @@ fn handle_frames(hub: &Hub, conn: &Conn, frames: Vec<Frame>) -> Result<(), End> 
 /// Reads frames and writes the outbound queue until the connection ends. Idle connections and
 /// shutdown are handled by the hub's sweeper, which closes the outbox: this future holds no
 /// timer and no cancellation waiter, so an idle connection's task stays small.
-pub(crate) async fn run<W: Wire>(hub: &Hub, conn: &Conn, wire: &mut W) -> End {
+async fn run<W: Wire>(hub: &Hub, conn: &Conn, wire: &mut W) -> End {
     let mut frames = Vec::new();
     'outer: loop {
         // Write everything queued; a close (kick, slow consumer, idle, shutdown) interrupts a

@@ -290,24 +290,25 @@ impl Hub {
         let idle = limits.idle_timeout();
         let now = self.clock_ms();
         let limit_ms = idle.as_millis() as u64;
-        let silent: Vec<Arc<Conn>> = {
-            let reg = self.reg.read().unwrap_or_else(|e| e.into_inner());
-            reg.conns
-                .values()
-                .filter(|c| now.saturating_sub(c.last_heard_ms.load(Ordering::Relaxed)) >= limit_ms)
-                .cloned()
-                .collect()
-        };
-        if silent.is_empty() {
-            return 0;
-        }
         let message = format!(
             "no frame for {} s (3 heartbeats of heartbeat_s = {})",
             idle.as_secs(),
             limits.heartbeat_s
         );
         let frame = Frame::error(code::IDLE_TIMEOUT, &message).encode();
-        silent
+        self.close_where(frame, |c| {
+            now.saturating_sub(c.last_heard_ms.load(Ordering::Relaxed)) >= limit_ms
+        })
+    }
+
+    /// Closes the connections `pick` chooses with `frame` (encoded once, shared); returns how
+    /// many were open.
+    fn close_where(&self, frame: Bytes, pick: impl Fn(&Conn) -> bool) -> usize {
+        let picked: Vec<Arc<Conn>> = {
+            let reg = self.reg.read().unwrap_or_else(|e| e.into_inner());
+            reg.conns.values().filter(|c| pick(c)).cloned().collect()
+        };
+        picked
             .iter()
             .filter(|c| c.outbox.close(Closing::Final(frame.clone())))
             .count()
@@ -315,14 +316,7 @@ impl Hub {
 
     /// Closes every connection with an error frame `code`/`message` (the room is stopping).
     pub fn close_all(&self, code: &str, message: &str) {
-        let frame = Frame::error(code, message).encode();
-        let conns: Vec<Arc<Conn>> = {
-            let reg = self.reg.read().unwrap_or_else(|e| e.into_inner());
-            reg.conns.values().cloned().collect()
-        };
-        for c in conns {
-            c.outbox.close(Closing::Final(frame.clone()));
-        }
+        self.close_where(Frame::error(code, message).encode(), |_| true);
     }
 
     /// The change count of `slot` (see `slot_changes`); compare two readings around a Sync.
