@@ -69,6 +69,8 @@ pub struct Cluster {
     pub dir: PathBuf,
     pub slots: Vec<Slot>,
     initial: String,
+    /// Extra flags for every keeper process (e.g. `--unsafe-stale-reads`).
+    args: Vec<String>,
 }
 
 /// An etcd client bound to one address over a plain (non-balanced) lazy channel: a refused
@@ -94,15 +96,27 @@ where
 }
 
 impl Cluster {
-    /// Starts one keeper per namespace of `net` as a new cluster; logs and data under `dir`.
-    pub fn start(net: Arc<Network>, bin: &Path, dir: &Path) -> anyhow::Result<Self> {
+    /// Starts one keeper per namespace of `net` as a new cluster, each with the extra flags
+    /// `args`; logs and data under `dir`.
+    pub fn start(
+        net: Arc<Network>,
+        bin: &Path,
+        args: &[String],
+        dir: &Path,
+    ) -> anyhow::Result<Self> {
         let n = net.nodes.len();
-        Self::start_on(net, n, bin, dir)
+        Self::start_on(net, n, bin, args, dir)
     }
 
     /// Starts keepers in the first `n` namespaces of `net` only (the others hold the services
     /// under test).
-    pub fn start_on(net: Arc<Network>, n: usize, bin: &Path, dir: &Path) -> anyhow::Result<Self> {
+    pub fn start_on(
+        net: Arc<Network>,
+        n: usize,
+        bin: &Path,
+        args: &[String],
+        dir: &Path,
+    ) -> anyhow::Result<Self> {
         if !bin.exists() {
             bail!(
                 "keeper binary {} not found; build it with `cd /work/main && CARGO_TARGET_DIR=/var/tmp/longlink-target cargo build -p keeper --bins` or pass --keeper-bin",
@@ -138,6 +152,7 @@ impl Cluster {
             dir: dir.to_path_buf(),
             slots,
             initial,
+            args: args.to_vec(),
         };
         for i in 0..cluster.slots.len() {
             cluster.spawn(i)?;
@@ -163,7 +178,8 @@ impl Cluster {
             .arg("--advertise")
             .arg(&slot.addr)
             .arg("--data-dir")
-            .arg(&slot.data_dir);
+            .arg(&slot.data_dir)
+            .args(&self.args);
         if slot.joined {
             cmd.args(["--initial-cluster-state", "existing"]);
         } else {

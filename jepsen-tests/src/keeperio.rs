@@ -53,7 +53,7 @@ pub async fn start_keeper(
     dir: &Path,
 ) -> anyhow::Result<(Cluster, Client)> {
     let bin = cfg.bin_dir.join("keeper");
-    let cluster = Cluster::start_on(net.clone(), cfg.keepers, &bin, dir)?;
+    let cluster = Cluster::start_on(net.clone(), cfg.keepers, &bin, &[], dir)?;
     cluster
         .wait_leader(Duration::from_secs(30))
         .await

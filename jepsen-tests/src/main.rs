@@ -25,7 +25,6 @@ use tokio_util::sync::CancellationToken;
 
 const DEFAULT_KEEPER: &str = "/var/tmp/longlink-target/debug/keeper";
 const DEFAULT_BIN_DIR: &str = "/var/tmp/longlink-target/debug";
-const DEFAULT_BROKEN_TARGET: &str = "/var/tmp/longlink-target-broken";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -106,13 +105,11 @@ struct KeeperArgs {
     keys: usize,
     #[arg(long, default_value = DEFAULT_KEEPER)]
     keeper_bin: PathBuf,
-    /// Build and test the keeper with the `unsafe-stale-reads` fault (reads skip ReadIndex) in
-    /// its own target dir; the run is expected to find anomalies. The first build takes ~15 min.
+    /// Start the keepers with `--unsafe-stale-reads` (reads skip ReadIndex); the run is
+    /// expected to find anomalies. Needs a keeper from the workspace's test build
+    /// (`cargo build --workspace --all-targets`), which compiles that flag in.
     #[arg(long)]
     broken_keeper: bool,
-    /// Target dir for --broken-keeper.
-    #[arg(long, default_value = DEFAULT_BROKEN_TARGET)]
-    broken_target_dir: PathBuf,
     /// Invert the exit code: 0 only if some run found a linearizability violation.
     #[arg(long)]
     expect_anomaly: bool,
@@ -409,34 +406,6 @@ fn parse_interval(s: &str) -> anyhow::Result<(Duration, Duration)> {
     Ok((Duration::from_secs_f64(lo), Duration::from_secs_f64(hi)))
 }
 
-/// Builds the keeper with the stale-read fault; returns its path.
-fn build_broken(target: &std::path::Path) -> anyhow::Result<PathBuf> {
-    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("jepsen-tests lives inside the workspace")?
-        .to_path_buf();
-    eprintln!(
-        "building keeper with --features unsafe-stale-reads into {} (first time ~15 min)",
-        target.display()
-    );
-    let status = std::process::Command::new("cargo")
-        .current_dir(&workspace)
-        .env("CARGO_TARGET_DIR", target)
-        .args([
-            "build",
-            "-p",
-            "keeper",
-            "--bin",
-            "keeper",
-            "--features",
-            "unsafe-stale-reads",
-        ])
-        .status()
-        .context("cannot run cargo")?;
-    anyhow::ensure!(status.success(), "building the broken keeper failed");
-    Ok(target.join("debug/keeper"))
-}
-
 /// `jepsen-tests keeper`.
 async fn keeper(args: KeeperArgs, cancel: CancellationToken) -> anyhow::Result<ExitCode> {
     let seed = seed_or_clock(args.run.seed);
@@ -447,10 +416,21 @@ async fn keeper(args: KeeperArgs, cancel: CancellationToken) -> anyhow::Result<E
         args.nodes
     );
     anyhow::ensure!(args.keys >= 1, "--keys must be at least 1");
-    let keeper_bin = if args.broken_keeper {
-        build_broken(&args.broken_target_dir)?
+    let keeper_args = if args.broken_keeper {
+        // clap rejects the flag before `--version` when it was not compiled in.
+        let probe = std::process::Command::new(&args.keeper_bin)
+            .args(["--unsafe-stale-reads", "--version"])
+            .output()
+            .with_context(|| format!("cannot run {}", args.keeper_bin.display()))?;
+        anyhow::ensure!(
+            probe.status.success(),
+            "--broken-keeper: {} has no --unsafe-stale-reads flag; use the keeper of the \
+             workspace's test build (`cargo build --workspace --all-targets`)",
+            args.keeper_bin.display()
+        );
+        vec!["--unsafe-stale-reads".to_string()]
     } else {
-        args.keeper_bin.clone()
+        Vec::new()
     };
     let cfg = run::KeeperRunConfig {
         time: Duration::from_secs(args.time),
@@ -458,7 +438,8 @@ async fn keeper(args: KeeperArgs, cancel: CancellationToken) -> anyhow::Result<E
         writers: args.writers,
         watchers: args.watchers,
         keys: args.keys,
-        keeper_bin,
+        keeper_bin: args.keeper_bin.clone(),
+        keeper_args,
         schedule,
         op_timeout: Duration::from_millis(args.op_timeout_ms),
         think: Duration::from_millis(args.think_ms),

@@ -42,6 +42,8 @@ pub struct KeeperRunConfig {
     pub watchers: usize,
     pub keys: usize,
     pub keeper_bin: PathBuf,
+    /// Extra flags for every keeper (`--unsafe-stale-reads` for `--broken-keeper`).
+    pub keeper_args: Vec<String>,
     pub schedule: Schedule,
     pub op_timeout: Duration,
     pub think: Duration,
@@ -78,7 +80,7 @@ async fn drive(
     report: &mut RunReport,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
-    let cluster = Cluster::start(net, &cfg.keeper_bin, &report.dir)?;
+    let cluster = Cluster::start(net, &cfg.keeper_bin, &cfg.keeper_args, &report.dir)?;
     rec.nemesis(
         "phase",
         "info",

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod error;
+pub mod faults;
 pub mod limits;
 mod pb_impl;
 mod server;

@@ -34,6 +34,10 @@ struct Cli {
     /// `new` forms the cluster on first start; `existing` joins one (after `member add`).
     #[arg(long, value_enum)]
     initial_cluster_state: Option<ClusterState>,
+    /// Test-only fault for jepsen-tests (see `keeper::faults`): reads skip ReadIndex.
+    #[cfg(feature = "unsafe-stale-reads")]
+    #[arg(long, hide = true)]
+    unsafe_stale_reads: bool,
     #[command(flatten)]
     telemetry: telemetry::Flags,
 }
@@ -74,6 +78,13 @@ async fn main() -> ExitCode {
     if let Err(e) = telemetry::init(&cli.telemetry) {
         eprintln!("keeper: {e}");
         return ExitCode::FAILURE;
+    }
+    #[cfg(feature = "unsafe-stale-reads")]
+    if cli.unsafe_stale_reads {
+        tracing::warn!(
+            "--unsafe-stale-reads: linearizable reads skip ReadIndex (jepsen-tests only)"
+        );
+        keeper::faults::enable_stale_reads();
     }
     let config = match load(&cli) {
         Ok(config) => config,

@@ -76,9 +76,7 @@ impl Keeper {
         serializable: bool,
         f: impl FnOnce(&KeeperState) -> R,
     ) -> Result<R> {
-        // The `unsafe-stale-reads` feature is a deliberate bug for jepsen-tests only: it proves
-        // the harness's checker catches stale reads. Normal builds always take the barrier.
-        if !serializable && !cfg!(feature = "unsafe-stale-reads") {
+        if !serializable && !crate::faults::stale_reads() {
             self.node.read_barrier().await?;
         }
         Ok(self.node.read(f))
