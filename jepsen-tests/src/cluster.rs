@@ -119,7 +119,7 @@ impl Cluster {
     ) -> anyhow::Result<Self> {
         if !bin.exists() {
             bail!(
-                "keeper binary {} not found; build it with `cd /work/main && CARGO_TARGET_DIR=/var/tmp/longlink-target cargo build -p keeper --bins` or pass --keeper-bin",
+                "keeper binary {} not found; build the workspace (`cargo build --workspace --all-targets`) or pass --keeper-bin",
                 bin.display()
             );
         }

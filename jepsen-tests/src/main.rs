@@ -23,9 +23,6 @@ use jepsen_tests::svc::ServiceRunConfig;
 use jepsen_tests::workload;
 use tokio_util::sync::CancellationToken;
 
-const DEFAULT_KEEPER: &str = "/var/tmp/longlink-target/debug/keeper";
-const DEFAULT_BIN_DIR: &str = "/var/tmp/longlink-target/debug";
-
 #[derive(Debug, Parser)]
 #[command(
     version,
@@ -103,8 +100,9 @@ struct KeeperArgs {
     /// Register keys.
     #[arg(long, default_value_t = 5)]
     keys: usize,
-    #[arg(long, default_value = DEFAULT_KEEPER)]
-    keeper_bin: PathBuf,
+    /// The keeper binary; default: `keeper` next to this executable (the same workspace build).
+    #[arg(long)]
+    keeper_bin: Option<PathBuf>,
     /// Start the keepers with `--unsafe-stale-reads` (reads skip ReadIndex); the run is
     /// expected to find anomalies. Needs a keeper from the workspace's test build
     /// (`cargo build --workspace --all-targets`), which compiles that flag in.
@@ -138,9 +136,10 @@ struct ServiceArgs {
     /// Keeper nodes (1 or 3; never faulted by these workloads).
     #[arg(long, default_value_t = 1)]
     keepers: usize,
-    /// Directory holding the keeper, register, room and center binaries.
-    #[arg(long, default_value = DEFAULT_BIN_DIR)]
-    bin_dir: PathBuf,
+    /// Directory holding the keeper, register, room and center binaries; default: this
+    /// executable's directory (the same workspace build).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
     /// Milliseconds before a client gives up on a request (outcome `unknown`).
     #[arg(long, default_value_t = 2000)]
     op_timeout_ms: u64,
@@ -318,7 +317,7 @@ fn service_config(a: &ServiceArgs, kind: &str, seed: u64) -> anyhow::Result<Serv
     Ok(ServiceRunConfig {
         time: Duration::from_secs(a.time),
         keepers: a.keepers,
-        bin_dir: a.bin_dir.clone(),
+        bin_dir: a.bin_dir.clone().unwrap_or_else(own_dir),
         schedule: service_schedule(a, seed)?,
         op_timeout: Duration::from_millis(a.op_timeout_ms),
         lease_ttl_s: a.lease_ttl_s,
@@ -406,6 +405,15 @@ fn parse_interval(s: &str) -> anyhow::Result<(Duration, Duration)> {
     Ok((Duration::from_secs_f64(lo), Duration::from_secs_f64(hi)))
 }
 
+/// The directory of this executable: the workspace build puts keeper, register, room and center
+/// next to it.
+fn own_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
 /// `jepsen-tests keeper`.
 async fn keeper(args: KeeperArgs, cancel: CancellationToken) -> anyhow::Result<ExitCode> {
     let seed = seed_or_clock(args.run.seed);
@@ -416,17 +424,21 @@ async fn keeper(args: KeeperArgs, cancel: CancellationToken) -> anyhow::Result<E
         args.nodes
     );
     anyhow::ensure!(args.keys >= 1, "--keys must be at least 1");
+    let keeper_bin = args
+        .keeper_bin
+        .clone()
+        .unwrap_or_else(|| own_dir().join("keeper"));
     let keeper_args = if args.broken_keeper {
         // clap rejects the flag before `--version` when it was not compiled in.
-        let probe = std::process::Command::new(&args.keeper_bin)
+        let probe = std::process::Command::new(&keeper_bin)
             .args(["--unsafe-stale-reads", "--version"])
             .output()
-            .with_context(|| format!("cannot run {}", args.keeper_bin.display()))?;
+            .with_context(|| format!("cannot run {}", keeper_bin.display()))?;
         anyhow::ensure!(
             probe.status.success(),
             "--broken-keeper: {} has no --unsafe-stale-reads flag; use the keeper of the \
              workspace's test build (`cargo build --workspace --all-targets`)",
-            args.keeper_bin.display()
+            keeper_bin.display()
         );
         vec!["--unsafe-stale-reads".to_string()]
     } else {
@@ -438,7 +450,7 @@ async fn keeper(args: KeeperArgs, cancel: CancellationToken) -> anyhow::Result<E
         writers: args.writers,
         watchers: args.watchers,
         keys: args.keys,
-        keeper_bin: args.keeper_bin.clone(),
+        keeper_bin,
         keeper_args,
         schedule,
         op_timeout: Duration::from_millis(args.op_timeout_ms),

@@ -9,8 +9,12 @@ use std::time::Duration;
 
 use jepsen_tests::net;
 
-const KEEPER: &str = "/var/tmp/longlink-target/debug/keeper";
 const HARNESS: &str = env!("CARGO_BIN_EXE_jepsen-tests");
+
+/// Where the workspace build put the binaries under test (next to the harness).
+fn bin_dir() -> PathBuf {
+    Path::new(HARNESS).parent().unwrap().to_path_buf()
+}
 
 /// Whether `ip` in namespace `ns` can open a TCP connection to `addr` within a second.
 fn can_connect(ns: &str, addr: &str) -> bool {
@@ -153,11 +157,12 @@ fn short_run(workload: &str, nemesis: &str, extra: &[&str], files: &[&str]) {
 
 /// Asserts the workspace binaries the service workloads start are built.
 fn assert_service_bins() {
-    let bin_dir = Path::new(KEEPER).parent().unwrap();
+    let bin_dir = bin_dir();
     for bin in ["keeper", "register", "room", "center"] {
         assert!(
             bin_dir.join(bin).exists(),
-            "build the workspace first: cd /work/main && cargo build --workspace --all-targets --locked"
+            "{bin} missing in {}: build the workspace first (cargo build --workspace --all-targets)",
+            bin_dir.display()
         );
     }
 }
@@ -176,22 +181,15 @@ fn short_push_run_under_pauses_is_valid() {
 
 #[test]
 fn short_keeper_run_under_partitions_is_valid_and_leaves_nothing() {
-    assert!(
-        Path::new(KEEPER).exists(),
-        "build the keeper first: cd /work/main && cargo build -p keeper --bins"
-    );
-    short_run(
-        "keeper",
-        "partition",
-        &["--keeper-bin", KEEPER],
-        &["watch.jsonl"],
-    );
+    assert_service_bins();
+    short_run("keeper", "partition", &[], &["watch.jsonl"]);
 }
 
 /// Starts the keepers with `--unsafe-stale-reads` (compiled into the workspace's test build) and
 /// checks the harness reports the stale reads as a linearizability violation.
 #[test]
 fn broken_keeper_stale_reads_are_caught() {
+    assert_service_bins();
     let (stdout, stderr, _, _out_dir) = harness_run(&[
         "keeper",
         "--broken-keeper",
