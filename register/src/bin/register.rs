@@ -8,6 +8,11 @@ use std::process::ExitCode;
 use clap::Parser;
 use register::ProcessConfig;
 
+/// mimalloc instead of glibc malloc: every request allocates and frees thousands of small
+/// strings and keys across threads; measured in docs/benchmarks.md ("register").
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A register: the global session store, sharded into slots assigned through the keeper.
 #[derive(Debug, Parser)]
 #[command(version, about)]
