@@ -7,6 +7,11 @@ use std::process::ExitCode;
 use center::CenterConfig;
 use clap::Parser;
 
+/// mimalloc instead of glibc malloc: every push allocates and frees JSON, HTTP and gRPC buffers
+/// across threads; measured in docs/benchmarks.md ("center end-to-end").
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// center: Longlink's senders' API (HTTP JSON + gRPC), dispatcher and webhook coordinator.
 #[derive(Debug, Parser)]
 #[command(version, about)]
