@@ -31,7 +31,9 @@ pub struct KeeperConfig {
     /// Election timeout range in milliseconds; a follower that hears nothing for a random time
     /// in this range starts an election.
     pub election_timeout_ms: (u64, u64),
-    /// Build a Raft snapshot every this many log entries.
+    /// Build a Raft snapshot every this many log entries (etcd's `--snapshot-count` default is
+    /// the same 100 000). Each snapshot encodes the whole state, so smaller values trade CPU and
+    /// write-latency tails for a shorter log.
     pub snapshot_every: u64,
     /// Revisions of history kept for watches and historical reads; older history is compacted
     /// automatically by the leader.
@@ -65,7 +67,7 @@ impl Default for KeeperConfig {
             initial_cluster_state: ClusterState::New,
             heartbeat_ms: 100,
             election_timeout_ms: (500, 1000),
-            snapshot_every: 20_000,
+            snapshot_every: 100_000,
             history_revisions: 100_000,
             min_lease_ttl_s: 2,
             watch_progress_s: 10,

@@ -60,8 +60,8 @@ impl NodeConfig {
             heartbeat_interval: Duration::from_millis(100),
             election_timeout_min: Duration::from_millis(500),
             election_timeout_max: Duration::from_millis(1000),
-            snapshot_every: 20_000,
-            keep_logs_after_snapshot: 2_000,
+            snapshot_every: 100_000,
+            keep_logs_after_snapshot: 10_000,
             request_timeout: Duration::from_secs(5),
         }
     }

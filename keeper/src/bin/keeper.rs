@@ -9,6 +9,11 @@ use keeper::KeeperConfig;
 use keeper::config::ClusterState;
 use keeper::config::parse_initial_cluster;
 
+/// mimalloc instead of glibc malloc: request, Raft and apply paths allocate and free many small
+/// buffers across threads; measured in docs/benchmarks.md ("keeper").
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A keeper node: Raft-replicated configuration and coordination store (etcd v3 API).
 #[derive(Debug, Parser)]
 #[command(version, about)]
