@@ -38,6 +38,8 @@ const MAX_BATCH: usize = 1000;
 /// How long one attach may be retried before the connection is refused.
 const ATTACH_DEADLINE: Duration = Duration::from_secs(5);
 const ATTACH_QUEUE: usize = 65_536;
+/// Attach batches in flight at once (see `attach_loop`).
+const ATTACH_INFLIGHT: usize = 4;
 const DETACH_QUEUE: usize = 65_536;
 const RPC_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -343,10 +345,19 @@ async fn attach_loop(
     mut rx: mpsc::Receiver<(SessionInfo, AttachReply)>,
     shutdown: CancellationToken,
 ) {
+    let inflight = Arc::new(tokio::sync::Semaphore::new(ATTACH_INFLIGHT));
     loop {
         let first = tokio::select! {
             _ = shutdown.cancelled() => return,
             f = rx.recv() => match f { Some(f) => f, None => return },
+        };
+        // While every slot is busy, logins queue up and leave together in the next batch: a
+        // reconnect storm becomes a few large Attach calls instead of thousands of tiny ones
+        // (each a gRPC call and a blocking write on the register). At low load a slot is free
+        // and the login goes out at once.
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            p = inflight.clone().acquire_owned() => p.expect("the semaphore is never closed"),
         };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -355,9 +366,12 @@ async fn attach_loop(
                 Err(_) => break,
             }
         }
-        // Batches run concurrently so one slow register does not hold up the others' logins.
+        // A few batches run concurrently so one slow register does not hold up every login.
         let (room_id, routes) = (room_id.clone(), routes.clone());
-        tokio::spawn(async move { attach_batch(&room_id, &routes, batch).await });
+        tokio::spawn(async move {
+            attach_batch(&room_id, &routes, batch).await;
+            drop(permit);
+        });
     }
 }
 
