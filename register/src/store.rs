@@ -93,6 +93,7 @@ impl Store {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.increase_parallelism(2);
+        opts.set_enable_pipelined_write(true);
         let mut sessions = Options::default();
         sessions.set_write_buffer_size(64 << 20);
         let cfs = vec![
