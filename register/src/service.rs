@@ -18,9 +18,6 @@ use crate::node::TooBig;
 
 /// Largest request accepted (a Sync of a big slot); larger is refused by tonic.
 const MAX_DECODE: usize = 64 << 20;
-/// HTTP/2 flow-control windows: room for a few batches in flight per stream and connection.
-const STREAM_WINDOW: u32 = 1 << 20;
-const CONNECTION_WINDOW: u32 = 8 << 20;
 
 pub struct Service {
     node: Arc<Node>,
@@ -143,10 +140,8 @@ pub async fn serve(
 ) -> Result<()> {
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
-        // Attach and Sync batches are ~100 KiB; HTTP/2's default 64 KiB windows would stall
-        // each one for a window update.
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_stream_window_size(longlink_common::GRPC_STREAM_WINDOW)
+        .initial_connection_window_size(longlink_common::GRPC_CONNECTION_WINDOW)
         .add_service(
             RegisterServer::new(Service { node })
                 .max_decoding_message_size(MAX_DECODE)

@@ -47,15 +47,6 @@ enum Cf {
     ByRoom,
 }
 
-impl Cf {
-    fn name(self) -> &'static str {
-        match self {
-            Cf::Sessions => CF_SESSIONS,
-            Cf::ByRoom => CF_BY_ROOM,
-        }
-    }
-}
-
 /// What one write does to one key.
 enum Op<'a> {
     /// Put the encoded session.
@@ -166,8 +157,12 @@ impl Store {
         let bytes: usize = ops.0.iter().map(|(_, k, _)| k.len() + 96).sum();
         let mut batch = WriteBatch::with_capacity_bytes(bytes);
         let mut value = Vec::new();
+        let (sessions, by_room) = (self.cf(CF_SESSIONS), self.cf(CF_BY_ROOM));
         for (cf, key, op) in &ops.0 {
-            let cf = self.cf(cf.name());
+            let cf = match cf {
+                Cf::Sessions => sessions,
+                Cf::ByRoom => by_room,
+            };
             match op {
                 Op::Session(s) => {
                     value.clear();

@@ -44,10 +44,8 @@ impl<C: Clone> Clients<C> {
             .ok()?
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(self.timeout)
-            // Attach and Sync batches run to ~100 KiB: HTTP/2's default 64 KiB windows would
-            // hold each one up for a window update. (Flow-control credit, not buffers.)
-            .initial_stream_window_size(1 << 20)
-            .initial_connection_window_size(8 << 20)
+            .initial_stream_window_size(longlink_common::GRPC_STREAM_WINDOW)
+            .initial_connection_window_size(longlink_common::GRPC_CONNECTION_WINDOW)
             .connect_lazy();
         let client = (self.make)(channel);
         by_id.insert(id.to_string(), (addr.to_string(), client.clone()));

@@ -91,8 +91,8 @@ async fn serve(
         stop.clone(),
     ));
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .initial_stream_window_size(1 << 20)
-        .initial_connection_window_size(8 << 20)
+        .initial_stream_window_size(longlink_common::GRPC_STREAM_WINDOW)
+        .initial_connection_window_size(longlink_common::GRPC_CONNECTION_WINDOW)
         .connect()
         .await?;
     let client = RegisterClient::new(channel)
