@@ -92,6 +92,25 @@ fn unavailable(epoch: u64, why: &str) -> ItemResult {
 }
 
 /// Maps a fencing verdict that is not "serve" to its item result.
+/// The answer to a lookup whose store read found `sessions`. `rebuilding` is true when the slot
+/// was rebuilding before *or* after the read: a room's Sync that completes between the first
+/// verdict and the read makes the slot ready while our read predates it, so the read may still be
+/// partial (a miss in it is not "offline", and what it found is not the whole set).
+fn lookup_answer(current: u64, sessions: Vec<Session>, rebuilding: bool) -> LookupResponse {
+    if sessions.is_empty() && rebuilding {
+        return LookupResponse {
+            result: Some(unavailable(current, "slot is rebuilding; retry")),
+            rebuilding,
+            ..Default::default()
+        };
+    }
+    LookupResponse {
+        result: Some(ok(current)),
+        sessions,
+        rebuilding,
+    }
+}
+
 fn refusal(v: &Verdict) -> Option<ItemResult> {
     match v {
         Verdict::Serve { .. } => None,
@@ -416,21 +435,8 @@ impl Node {
                 ..Default::default()
             };
         }
-        // A miss is judged by the state *before* the read: a room's Sync that completes between the
-        // first verdict and the read may make the slot ready while our read predates it.
-        if sessions.is_empty() && rebuilding {
-            // A miss in a rebuilding slot is not "offline": the room may not have synced yet.
-            return LookupResponse {
-                result: Some(unavailable(current, "slot is rebuilding; retry")),
-                rebuilding,
-                ..Default::default()
-            };
-        }
-        LookupResponse {
-            result: Some(ok(current)),
-            sessions,
-            rebuilding: still == (Verdict::Serve { rebuilding: true }),
-        }
+        let still_rebuilding = still == (Verdict::Serve { rebuilding: true });
+        lookup_answer(current, sessions, rebuilding || still_rebuilding)
     }
 
     pub fn lookup_batch(
@@ -636,5 +642,37 @@ impl Node {
             })
             .collect();
         (epoch, infos)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(conn_id: u64) -> Session {
+        Session {
+            app: "a".into(),
+            user: "u".into(),
+            conn_id,
+            room_id: "room-b".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_read_made_while_rebuilding_is_flagged_partial_even_if_the_slot_became_ready() {
+        // Found by jepsen-tests (R1): a Sync finished between the lookup's first verdict and its
+        // read, so the slot was ready afterwards but the read missed the synced room's session.
+        let r = lookup_answer(3, vec![session(597)], true);
+        assert_eq!(r.result.unwrap().status, Status::Ok as i32);
+        assert!(r.rebuilding, "a partial answer must say so");
+        assert_eq!(r.sessions.len(), 1);
+
+        let miss = lookup_answer(3, Vec::new(), true);
+        assert_eq!(miss.result.unwrap().status, Status::Unavailable as i32);
+
+        let offline = lookup_answer(3, Vec::new(), false);
+        assert_eq!(offline.result.unwrap().status, Status::Ok as i32);
+        assert!(!offline.rebuilding);
     }
 }
