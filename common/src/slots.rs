@@ -27,11 +27,17 @@ pub struct SlotMap {
     pub epoch: u64,
     /// `slots[s]` is the instance id owning slot `s`, or `""` while the slot has no owner.
     pub slots: Vec<String>,
+    /// `since[s]` is the epoch at which `slots[s]` got its current owner. With it, a register or
+    /// room that missed maps in between can tell "kept the slot" from "lost it and got it back"
+    /// (the data it holds for the slot is stale then). Empty in maps written before it existed:
+    /// every slot then counts as owned since epoch 0.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub since: Vec<u64>,
 }
 
 /// A slot map whose shape is wrong (not exactly [`SLOTS`] entries).
 #[derive(Debug, thiserror::Error)]
-#[error("slot map has {0} slots, expected {SLOTS}")]
+#[error("slot map has {0} slots (or since entries), expected {SLOTS}")]
 pub struct BadSlotMap(pub usize);
 
 impl SlotMap {
@@ -40,16 +46,63 @@ impl SlotMap {
         SlotMap {
             epoch: 0,
             slots: vec![String::new(); usize::from(SLOTS)],
+            since: Vec::new(),
         }
+    }
+
+    /// A map of `slots` at `epoch` whose slots have all been owned since `epoch` (a first map,
+    /// or a test's).
+    pub fn fresh(epoch: u64, slots: Vec<String>) -> Self {
+        SlotMap {
+            epoch,
+            since: vec![epoch; slots.len()],
+            slots,
+        }
+    }
+
+    /// The map that follows this one with `slots` as owners: the epoch is bumped, and `since`
+    /// moves to the new epoch exactly for the slots whose owner changed.
+    pub fn next(&self, slots: Vec<String>) -> Self {
+        let epoch = self.epoch + 1;
+        let since = slots
+            .iter()
+            .enumerate()
+            .map(|(i, owner)| {
+                let kept = self.slots.get(i) == Some(owner);
+                if kept {
+                    self.since.get(i).copied().unwrap_or(0)
+                } else {
+                    epoch
+                }
+            })
+            .collect();
+        SlotMap {
+            epoch,
+            slots,
+            since,
+        }
+    }
+
+    /// The epoch since which `slot` has had its current owner (0 when the map predates `since`).
+    pub fn since(&self, slot: u16) -> u64 {
+        self.since.get(usize::from(slot)).copied().unwrap_or(0)
+    }
+
+    /// The assignment of `slot`: owner and the epoch it got the slot at. Two maps with the same
+    /// assignment for a slot had no other owner in between.
+    pub fn assignment(&self, slot: u16) -> (Option<&str>, u64) {
+        (self.owner(slot), self.since(slot))
     }
 
     /// Checks the shape after deserialising a map read from the keeper.
     pub fn check(&self) -> Result<(), BadSlotMap> {
-        if self.slots.len() == usize::from(SLOTS) {
-            Ok(())
-        } else {
-            Err(BadSlotMap(self.slots.len()))
+        if self.slots.len() != usize::from(SLOTS) {
+            return Err(BadSlotMap(self.slots.len()));
         }
+        if !self.since.is_empty() && self.since.len() != usize::from(SLOTS) {
+            return Err(BadSlotMap(self.since.len()));
+        }
+        Ok(())
     }
 
     /// The owner of `slot`, if it has one.
@@ -108,5 +161,33 @@ mod tests {
         assert!(map.check().unwrap_err().to_string().contains("1023 slots"));
         let json: SlotMap = serde_json::from_str(r#"{"epoch":4,"slots":["a","b"]}"#).unwrap();
         assert!(json.check().is_err());
+    }
+
+    #[test]
+    fn next_moves_since_only_for_changed_owners() {
+        let first = SlotMap::fresh(1, vec!["r1".to_string(); usize::from(SLOTS)]);
+        let mut owners = first.slots.clone();
+        owners[5] = "r2".into();
+        let second = first.next(owners);
+        assert_eq!(second.epoch, 2);
+        assert_eq!(second.assignment(5), (Some("r2"), 2));
+        assert_eq!(second.assignment(6), (Some("r1"), 1));
+        // Slot 5 comes back to r1: same owner as in the first map, but a new assignment.
+        let third = second.next(first.slots.clone());
+        assert_eq!(third.assignment(5), (Some("r1"), 3));
+        assert_ne!(third.assignment(5), first.assignment(5));
+        assert_eq!(third.assignment(6), first.assignment(6));
+        // A map written before `since` existed reads as "since 0" and round-trips without it.
+        let old: SlotMap = serde_json::from_str(&format!(
+            r#"{{"epoch":4,"slots":{}}}"#,
+            serde_json::to_string(&first.slots).unwrap()
+        ))
+        .unwrap();
+        assert!(old.check().is_ok());
+        assert_eq!(old.assignment(0), (Some("r1"), 0));
+        assert!(!serde_json::to_string(&old).unwrap().contains("since"));
+        let mut bad = first.clone();
+        bad.since.pop();
+        assert!(bad.check().is_err());
     }
 }

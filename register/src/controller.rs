@@ -98,10 +98,7 @@ async fn lead(
         let mut current = map.slots.clone();
         if next != map.slots {
             let moved = next.iter().zip(&map.slots).filter(|(a, b)| a != b).count();
-            let new = SlotMap {
-                epoch: map.epoch + 1,
-                slots: next,
-            };
+            let new = map.next(next);
             if write_guarded(keeper, &key, l.revision(), rev, &new).await? {
                 tracing::info!(epoch = new.epoch, moved, live = ?live, "slot map written");
                 current = new.slots;

@@ -109,7 +109,8 @@ impl SlotTable {
         }
     }
 
-    /// Applies a newer map. Slots kept keep their state; gained slots start rebuilding.
+    /// Applies a newer map. Slots kept keep their state; gained slots (also those that left and
+    /// came back while we missed maps) start rebuilding.
     /// A map with an epoch not newer than ours is ignored (returns no change).
     pub fn apply(&mut self, map: SlotMap, now: Instant) -> Change {
         let mut change = Change::default();
@@ -120,7 +121,10 @@ impl SlotTable {
             let i = usize::from(slot);
             let mine = map.owner(slot) == Some(self.me.as_str());
             let had = self.states[i] != SlotState::NotOwned;
-            if mine && !had {
+            // Owned in both maps but assigned anew in between (we missed the maps that moved it
+            // away and back): what we hold for it is stale, so it counts as gained.
+            let regained = mine && had && map.since(slot) != self.map.since(slot);
+            if mine && (!had || regained) {
                 self.states[i] = SlotState::Rebuilding {
                     since: now,
                     synced: BTreeSet::new(),
@@ -253,7 +257,33 @@ mod tests {
         SlotMap {
             epoch,
             slots: (0..SLOTS).map(|s| owner_of(s).to_string()).collect(),
+            since: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_slot_that_left_and_came_back_while_maps_were_missed_starts_over() {
+        // Found by jepsen-tests (R2): a register cut off from the keeper missed the maps that
+        // moved its slot away and back; it kept a session closed meanwhile.
+        let now = Instant::now();
+        let mut t = SlotTable::new("r1", Duration::from_secs(5));
+        t.set_live_rooms(rooms(&["a"]), now);
+        let owners = |o: &dyn Fn(u16) -> &'static str| -> Vec<String> {
+            (0..SLOTS).map(|s| o(s).to_string()).collect()
+        };
+        let first = SlotMap::fresh(1, owners(&|s| if s < 2 { "r1" } else { "r2" }));
+        t.apply(first.clone(), now);
+        t.synced(0, "a", now);
+        t.synced(1, "a", now);
+        assert_eq!(t.counts(), (2, 0));
+        // Epoch 2 (missed) gives slot 0 to r2, epoch 3 gives it back; slot 1 never moved.
+        let second = first.next(owners(&|s| if s == 1 { "r1" } else { "r2" }));
+        let third = second.next(first.slots.clone());
+        let c = t.apply(third, now);
+        assert_eq!(c.gained, vec![0]);
+        assert!(c.lost.is_empty());
+        assert_eq!(t.verdict(3, 0), Verdict::Serve { rebuilding: true });
+        assert_eq!(t.verdict(3, 1), Verdict::Serve { rebuilding: false });
     }
 
     fn rooms(names: &[&str]) -> BTreeSet<String> {

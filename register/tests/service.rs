@@ -69,6 +69,7 @@ fn half_map(epoch: u64) -> SlotMap {
         slots: (0..SLOTS)
             .map(|s| if s < SLOTS / 2 { "r1" } else { "r2" }.to_string())
             .collect(),
+        since: Vec::new(),
     }
 }
 

@@ -558,7 +558,8 @@ async fn digest_round(hub: &Hub, routes: &Routes) -> Vec<u16> {
     resync
 }
 
-/// Re-syncs slots whose owner changed as soon as the map moves, and sends digests periodically.
+/// Re-syncs slots assigned anew (another owner, or the same one again after a move we may not have
+/// seen) as soon as the map moves, and sends digests periodically.
 async fn sync_loop(hub: Arc<Hub>, routes: Arc<Routes>, shutdown: CancellationToken) {
     let mut map_rx = routes.map.clone();
     let mut addrs_rx = routes.addrs.clone();
@@ -574,7 +575,7 @@ async fn sync_loop(hub: Arc<Hub>, routes: Arc<Routes>, shutdown: CancellationTok
                 if r.is_err() { return; }
                 let now = map_rx.borrow_and_update().clone();
                 let moved: Vec<u16> = (0..SLOTS)
-                    .filter(|s| now.owner(*s) != last.owner(*s) && now.owner(*s).is_some())
+                    .filter(|s| now.assignment(*s) != last.assignment(*s) && now.owner(*s).is_some())
                     .collect();
                 tracing::info!(epoch = now.epoch, moved = moved.len(), "slot map changed");
                 last = now;

@@ -58,10 +58,7 @@ fn session(i: usize) -> Session {
 }
 
 fn all_mine(epoch: u64) -> SlotMap {
-    SlotMap {
-        epoch,
-        slots: vec!["bench".to_string(); usize::from(SLOTS)],
-    }
+    SlotMap::fresh(epoch, vec!["bench".to_string(); usize::from(SLOTS)])
 }
 
 async fn serve(
