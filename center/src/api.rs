@@ -9,6 +9,9 @@ use crate::config::MAX_USERS_PER_PUSH;
 use crate::error::Error;
 use crate::error::Result;
 
+/// Messages in one `push/batch` request.
+pub const MAX_MESSAGES_PER_BATCH: usize = 1000;
+
 /// Longest accepted user id, in bytes (register refuses longer ones too).
 pub const MAX_USER_BYTES: usize = 256;
 
@@ -61,19 +64,6 @@ pub struct Push {
 impl PushRequest {
     /// Checks the documented limits; the error names the one broken.
     pub fn check(self, fanout: &FanoutConfig) -> Result<Push> {
-        if self.qos > 1 {
-            return Err(Error::BadRequest(format!(
-                "qos must be 0 or 1, got {}",
-                self.qos
-            )));
-        }
-        let ttl_s = self.ttl_s.unwrap_or(fanout.default_ttl_s);
-        if ttl_s == 0 || ttl_s > fanout.max_ttl_s {
-            return Err(Error::BadRequest(format!(
-                "ttl_s must be between 1 and {}, got {ttl_s}",
-                fanout.max_ttl_s
-            )));
-        }
         let target = match (self.users, self.all) {
             (Some(_), true) => {
                 return Err(Error::BadRequest(
@@ -88,15 +78,93 @@ impl PushRequest {
             (None, true) => Target::All,
             (Some(users), false) => Target::Users(check_users(users)?),
         };
-        let payload = serde_json::to_vec(&self.payload)
-            .map_err(|e| Error::Internal(format!("cannot re-encode payload: {e}")))?;
-        Ok(Push {
-            target,
-            payload,
-            qos: self.qos,
-            ttl_s,
-        })
+        checked(target, &self.payload, self.qos, self.ttl_s, fanout)
     }
+}
+
+/// The checks every push shares: qos, ttl, and the payload encoded once.
+fn checked(
+    target: Target,
+    payload: &serde_json::Value,
+    qos: u8,
+    ttl_s: Option<u32>,
+    fanout: &FanoutConfig,
+) -> Result<Push> {
+    if qos > 1 {
+        return Err(Error::BadRequest(format!("qos must be 0 or 1, got {qos}")));
+    }
+    let ttl_s = ttl_s.unwrap_or(fanout.default_ttl_s);
+    if ttl_s == 0 || ttl_s > fanout.max_ttl_s {
+        return Err(Error::BadRequest(format!(
+            "ttl_s must be between 1 and {}, got {ttl_s}",
+            fanout.max_ttl_s
+        )));
+    }
+    let payload = serde_json::to_vec(payload)
+        .map_err(|e| Error::Internal(format!("cannot re-encode payload: {e}")))?;
+    Ok(Push {
+        target,
+        payload,
+        qos,
+        ttl_s,
+    })
+}
+
+/// `POST /v1/apps/{app}/push/batch`: many messages, each with its own users and payload, in one
+/// request (personalised unicasts at high rates). 1..=1000 messages and at most 1000 recipients
+/// in total; each message counts against the app's rate limit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushBatchRequest {
+    pub messages: Vec<BatchMessage>,
+}
+
+/// One message of a batch: a push to users (a batch carries no broadcasts).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchMessage {
+    pub users: Vec<String>,
+    pub payload: serde_json::Value,
+    #[serde(default)]
+    pub qos: u8,
+    #[serde(default, deserialize_with = "present")]
+    pub ttl_s: Option<u32>,
+}
+
+impl PushBatchRequest {
+    /// Checks the batch limits and every message; an error names the message by its index.
+    pub fn check(self, fanout: &FanoutConfig) -> Result<Vec<Push>> {
+        let n = self.messages.len();
+        if n == 0 || n > MAX_MESSAGES_PER_BATCH {
+            return Err(Error::BadRequest(format!(
+                "messages must list 1 to {MAX_MESSAGES_PER_BATCH} messages, got {n}"
+            )));
+        }
+        let recipients: usize = self.messages.iter().map(|m| m.users.len()).sum();
+        if recipients > MAX_USERS_PER_PUSH {
+            return Err(Error::BadRequest(format!(
+                "a batch reaches at most {MAX_USERS_PER_PUSH} users in total, got {recipients}"
+            )));
+        }
+        self.messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let at = |e: Error| match e {
+                    Error::BadRequest(why) => Error::BadRequest(format!("messages[{i}]: {why}")),
+                    other => other,
+                };
+                let users = check_users(m.users).map_err(at)?;
+                checked(Target::Users(users), &m.payload, m.qos, m.ttl_s, fanout).map_err(at)
+            })
+            .collect()
+    }
+}
+
+/// Answer to a batch: one result per message, in request order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PushBatchResponse {
+    pub results: Vec<PushResponse>,
 }
 
 /// 1..=1000 non-empty ids of at most 256 bytes without NUL; duplicates removed, order kept.

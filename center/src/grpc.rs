@@ -11,6 +11,8 @@ use tonic::Request;
 use tonic::Response;
 use tonic::Status;
 
+use crate::api::BatchMessage;
+use crate::api::PushBatchRequest;
 use crate::api::PushRequest;
 use crate::error::Error;
 use crate::ids;
@@ -46,14 +48,41 @@ impl Grpc {
         request: &Request<T>,
         app: &str,
     ) -> Result<longlink_common::App, Status> {
-        let key = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, key)| key.trim());
-        Ok(self.center.authorize(app, key)?)
+        Ok(self.center.authorize(app, bearer(request))?)
+    }
+
+    /// The key checks only: the caller takes its rate-limit tokens once it knows the cost.
+    fn authenticate<T>(
+        &self,
+        request: &Request<T>,
+        app: &str,
+    ) -> Result<longlink_common::App, Status> {
+        Ok(self.center.authenticate(app, bearer(request))?)
+    }
+}
+
+/// The key from `authorization: Bearer <key>` metadata.
+fn bearer<T>(request: &Request<T>) -> Option<&str> {
+    request
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, key)| key.trim())
+}
+
+/// A push to users on the wire.
+fn users_answer(u: crate::api::PushResponse) -> centerpb::PushResponse {
+    centerpb::PushResponse {
+        id: u.id,
+        sessions: u.sessions,
+        users_online: u.users_online,
+        users_offline: u.users_offline,
+        users_unknown: u.users_unknown,
+        retrying: u.retrying,
+        broadcast: false,
+        rooms: 0,
     }
 }
 
@@ -76,22 +105,44 @@ impl centerpb::center_server::Center for Grpc {
             ttl_s: (r.ttl_s != 0).then_some(r.ttl_s),
         };
         Ok(Response::new(match self.center.push(&app, push).await? {
-            PushOutcome::Users(u) => centerpb::PushResponse {
-                id: u.id,
-                sessions: u.sessions,
-                users_online: u.users_online,
-                users_offline: u.users_offline,
-                users_unknown: u.users_unknown,
-                retrying: u.retrying,
-                broadcast: false,
-                rooms: 0,
-            },
+            PushOutcome::Users(u) => users_answer(u),
             PushOutcome::Broadcast(b) => centerpb::PushResponse {
                 id: b.id,
                 broadcast: true,
                 rooms: b.rooms,
                 ..Default::default()
             },
+        }))
+    }
+
+    async fn push_batch(
+        &self,
+        request: Request<centerpb::PushBatchRequest>,
+    ) -> Result<Response<centerpb::PushBatchResponse>, Status> {
+        let app = self.authenticate(&request, &request.get_ref().app)?;
+        let messages = request
+            .into_inner()
+            .messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let payload = serde_json::from_slice(&m.payload_json).map_err(|e| {
+                    Error::BadRequest(format!("messages[{i}]: payload_json is not JSON: {e}"))
+                })?;
+                Ok(BatchMessage {
+                    users: m.users,
+                    payload,
+                    qos: u8::try_from(m.qos).unwrap_or(u8::MAX),
+                    ttl_s: (m.ttl_s != 0).then_some(m.ttl_s),
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        let done = self
+            .center
+            .push_batch(&app, PushBatchRequest { messages })
+            .await?;
+        Ok(Response::new(centerpb::PushBatchResponse {
+            results: done.results.into_iter().map(users_answer).collect(),
         }))
     }
 

@@ -27,6 +27,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::api::KickRequest;
+use crate::api::PushBatchRequest;
 use crate::api::PushRequest;
 use crate::error::Error;
 use crate::error::Result;
@@ -44,6 +45,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/openapi.json"),
     ("get", "/v1/dispatch"),
     ("post", "/v1/apps/{app}/push"),
+    ("post", "/v1/apps/{app}/push/batch"),
     ("get", "/v1/apps/{app}/users/{user}"),
     ("post", "/v1/apps/{app}/users/{user}/kick"),
     ("get", "/v1/apps/{app}/broadcasts/{id}"),
@@ -66,6 +68,7 @@ pub fn router(
         .route("/openapi.json", get(openapi))
         .route("/v1/dispatch", get(dispatch))
         .route("/v1/apps/{app}/push", post(push))
+        .route("/v1/apps/{app}/push/batch", post(push_batch))
         .route("/v1/apps/{app}/users/{user}", get(presence))
         .route("/v1/apps/{app}/users/{user}/kick", post(kick))
         .route("/v1/apps/{app}/broadcasts/{id}", get(broadcast_status))
@@ -184,6 +187,20 @@ async fn push(
         PushOutcome::Users(r) => (StatusCode::OK, Json(r)).into_response(),
         PushOutcome::Broadcast(b) => (StatusCode::ACCEPTED, Json(b)).into_response(),
     })
+}
+
+/// Many messages, each to its own users; one token per message.
+async fn push_batch(
+    State(state): State<AppState>,
+    app: std::result::Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response> {
+    let Path(app) = app.map_err(path_error)?;
+    let app = state.center.authenticate(&app, bearer(&headers))?;
+    let limit = state.center.config().max_body_bytes;
+    let request: PushBatchRequest = strict_json(&headers, body, limit, false).await?;
+    Ok(Json(state.center.push_batch(&app, request).await?).into_response())
 }
 
 async fn presence(

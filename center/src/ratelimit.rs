@@ -26,6 +26,12 @@ pub struct RateLimiter {
 impl RateLimiter {
     /// Takes one token from `app`'s bucket, or says how long until one is available.
     pub fn take(&self, app: &str, limit: RateLimit) -> Result<(), Duration> {
+        self.take_n(app, limit, 1)
+    }
+
+    /// Takes `n` tokens at once (all or none), or says how long until `n` are available.
+    pub fn take_n(&self, app: &str, limit: RateLimit, n: u32) -> Result<(), Duration> {
+        let n = f64::from(n);
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let bucket = buckets.entry(app.to_owned()).or_insert_with(|| Bucket {
@@ -41,15 +47,15 @@ impl RateLimiter {
         let elapsed = now.saturating_duration_since(bucket.last).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * rate).min(f64::from(limit.burst));
         bucket.last = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
+        if bucket.tokens >= n {
+            bucket.tokens -= n;
             return Ok(());
         }
         if rate <= 0.0 {
             // A zero rate is a closed door; say "a minute" rather than "never".
             return Err(Duration::from_secs(60));
         }
-        Err(Duration::from_secs_f64((1.0 - bucket.tokens) / rate))
+        Err(Duration::from_secs_f64((n - bucket.tokens) / rate))
     }
 }
 
@@ -99,5 +105,15 @@ mod tests {
             burst: 0,
         };
         assert_eq!(rl.take("a", closed), Err(Duration::from_secs(60)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn take_n_is_all_or_nothing() {
+        let rl = RateLimiter::default();
+        rl.take_n("a", LIMIT, 2).unwrap();
+        // One token left: three cannot be taken, and the failed try takes none.
+        assert_eq!(rl.take_n("a", LIMIT, 3), Err(Duration::from_secs(1)));
+        rl.take("a", LIMIT).unwrap();
+        assert!(rl.take("a", LIMIT).is_err());
     }
 }

@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::api;
 use crate::api::Push;
+use crate::api::PushBatchRequest;
 use crate::api::PushRequest;
 use crate::api::Target;
 use crate::broadcast::Broadcasts;
@@ -170,6 +171,14 @@ impl Center {
     /// token bucket must have a token. 401 without a key or with a key nobody has, 404 for an
     /// unknown app, 403 for another app's key, 429 when over the rate.
     pub fn authorize(&self, app: &str, key: Option<&str>) -> Result<App> {
+        let found = self.authenticate(app, key)?;
+        self.take_tokens(&found, 1)?;
+        Ok(found)
+    }
+
+    /// The key checks of [`Center::authorize`] without taking a token: for requests whose cost
+    /// is known only after their body is read (a batch costs one token per message).
+    pub fn authenticate(&self, app: &str, key: Option<&str>) -> Result<App> {
         let key = key.ok_or_else(|| {
             Error::Unauthorized("missing API key: send `Authorization: Bearer <key>`".into())
         })?;
@@ -188,16 +197,29 @@ impl Center {
                 Error::Unauthorized("unknown API key".into())
             });
         }
-        if let Err(retry_after) = self.limiter.take(app, found.rate_limit) {
+        Ok(found.clone())
+    }
+
+    /// Takes `n` tokens from `app`'s bucket: 429 with the wait when short, 400 when `n` is more
+    /// than the bucket ever holds (the request could never pass; a closed app, burst 0, stays 429).
+    pub fn take_tokens(&self, app: &App, n: u32) -> Result<()> {
+        let limit = app.rate_limit;
+        if limit.burst > 0 && n > limit.burst {
+            return Err(Error::BadRequest(format!(
+                "this request counts as {n} pushes but app {:?} allows bursts of {} (rate_limit.burst)",
+                app.id, limit.burst
+            )));
+        }
+        if let Err(retry_after) = self.limiter.take_n(&app.id, limit, n) {
             metrics::counter!("center_rate_limited_total").increment(1);
             return Err(Error::RateLimited {
-                app: app.to_owned(),
-                per_second: found.rate_limit.per_second,
-                burst: found.rate_limit.burst,
+                app: app.id.clone(),
+                per_second: limit.per_second,
+                burst: limit.burst,
                 retry_after,
             });
         }
-        Ok(found.clone())
+        Ok(())
     }
 
     /// `GET /v1/dispatch`: the best rooms for `(app, user)`; no key needed (devices call it).
@@ -234,6 +256,28 @@ impl Center {
             Target::All => Ok(PushOutcome::Broadcast(self.broadcast(app, push))),
             Target::Users(users) => Ok(PushOutcome::Users(self.push_users(app, users, push).await)),
         }
+    }
+
+    /// A batch of pushes to users from an authenticated app: takes one token per message, then
+    /// sends them all at once (their lookups and room pushes merge per destination).
+    pub async fn push_batch(
+        &self,
+        app: &App,
+        request: PushBatchRequest,
+    ) -> Result<api::PushBatchResponse> {
+        let pushes = request.check(&self.config().fanout)?;
+        self.take_tokens(app, pushes.len() as u32)?;
+        metrics::counter!("center_push_batches_total").increment(1);
+        let sends = pushes.into_iter().map(|push| {
+            metrics::counter!("center_pushes_total", "qos" => push.qos.to_string()).increment(1);
+            let Target::Users(users) = push.target.clone() else {
+                unreachable!("a checked batch message targets users");
+            };
+            self.push_users(app, users, push)
+        });
+        Ok(api::PushBatchResponse {
+            results: futures::future::join_all(sends).await,
+        })
     }
 
     fn message(push: &Push, id: &str) -> roompb::Message {

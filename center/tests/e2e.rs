@@ -399,6 +399,36 @@ async fn unicast_presence_and_kick() {
     assert_eq!((payload(&m), m.qos), (json!({"text": "hi over ws"}), 1));
     bob.ack(vec![m.id]).await.unwrap();
 
+    // A batch: each message reaches its own user with its own payload (one offline user).
+    let (status, body) = cluster
+        .post(
+            "/v1/apps/demo/push/batch",
+            "k-demo",
+            json!({"messages": [
+                {"users": ["alice"], "payload": {"for": "alice"}},
+                {"users": ["bob"], "payload": {"for": "bob"}, "qos": 1},
+                {"users": ["carol"], "payload": {"for": "carol"}},
+            ]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let results = body["results"].as_array().unwrap();
+    let counts: Vec<(u64, u64, u64)> = results
+        .iter()
+        .map(|r| {
+            let n = |k: &str| r[k].as_u64().unwrap();
+            (n("sessions"), n("users_online"), n("users_offline"))
+        })
+        .collect();
+    assert_eq!(counts, vec![(1, 1, 0), (1, 1, 0), (0, 0, 1)], "{body}");
+    let to_alice = next_message(&mut alice).await;
+    assert_eq!(payload(&to_alice), json!({"for": "alice"}));
+    assert_eq!(Some(to_alice.id.as_str()), results[0]["id"].as_str());
+    let to_bob = next_message(&mut bob).await;
+    assert_eq!((payload(&to_bob), to_bob.qos), (json!({"for": "bob"}), 1));
+    assert_eq!(Some(to_bob.id.as_str()), results[1]["id"].as_str());
+    bob.ack(vec![to_bob.id]).await.unwrap();
+
     // Presence names the session, and flips to offline once alice disconnects.
     let seen = cluster.presence("demo", "alice").await.unwrap();
     assert_eq!(seen["online"], true, "{seen}");

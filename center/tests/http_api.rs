@@ -160,6 +160,98 @@ async fn rate_limit_answers_429_with_retry_after() {
 }
 
 #[tokio::test]
+async fn batch_limits_name_the_message_and_each_message_costs_a_token() {
+    let mut apps = two_apps();
+    apps.apps[0].rate_limit = longlink_common::apps::RateLimit {
+        per_second: 1,
+        burst: 5,
+    };
+    let h = start(test_config(), apps, vec![]).await;
+    let batch = "/v1/apps/demo/push/batch";
+    let one = |user: &str| json!({"users": [user], "payload": {"to": user}});
+
+    // Refusals take no token: the bucket (5) is still full afterwards.
+    let m = h
+        .post(batch, Some("k-demo"), json!({"messages": []}))
+        .await
+        .error(400, "bad_request");
+    assert!(m.contains("1 to 1000 messages"), "{m}");
+    let many: Vec<_> = (0..1001).map(|i| one(&format!("u{i}"))).collect();
+    let m = h
+        .post(batch, Some("k-demo"), json!({ "messages": many }))
+        .await
+        .error(400, "bad_request");
+    assert!(m.contains("1000") && m.contains("1001"), "{m}");
+    let wide: Vec<String> = (0..600).map(|i| format!("u{i}")).collect();
+    let m = h
+        .post(
+            batch,
+            Some("k-demo"),
+            json!({"messages": [
+                {"users": wide, "payload": 1},
+                {"users": wide, "payload": 2},
+            ]}),
+        )
+        .await
+        .error(400, "bad_request");
+    assert!(m.contains("at most 1000 users in total, got 1200"), "{m}");
+    let m = h
+        .post(
+            batch,
+            Some("k-demo"),
+            json!({"messages": [one("a"), {"users": ["b"], "payload": 1, "qos": 2}]}),
+        )
+        .await
+        .error(400, "bad_request");
+    assert!(m.starts_with("messages[1]: qos must be 0 or 1"), "{m}");
+    let m = h
+        .post(
+            batch,
+            Some("k-demo"),
+            json!({"messages": [{"all": true, "payload": 1}]}),
+        )
+        .await
+        .error(400, "bad_request");
+    assert!(m.contains("unknown field `all`"), "{m}");
+    let six: Vec<_> = (0..6).map(|i| one(&format!("u{i}"))).collect();
+    let m = h
+        .post(batch, Some("k-demo"), json!({ "messages": six }))
+        .await
+        .error(400, "bad_request");
+    assert!(m.contains("6 pushes") && m.contains("bursts of 5"), "{m}");
+    h.post(batch, None, json!({"messages": [one("a")]}))
+        .await
+        .error(401, "unauthorized");
+
+    // Four messages take four tokens: one is left, so a batch of two is refused with a wait.
+    let four: Vec<_> = (0..4).map(|i| one(&format!("u{i}"))).collect();
+    let a = h
+        .post(batch, Some("k-demo"), json!({ "messages": four }))
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.json);
+    let results = a.json["results"].as_array().unwrap();
+    assert_eq!(results.len(), 4);
+    let ids: std::collections::HashSet<&str> =
+        results.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 4, "every message has its own id");
+    let a = h
+        .post(
+            batch,
+            Some("k-demo"),
+            json!({"messages": [one("a"), one("b")]}),
+        )
+        .await;
+    a.error(429, "rate_limited");
+    assert_eq!(a.headers["retry-after"], "1");
+    let last = h.post("/v1/apps/demo/push", Some("k-demo"), one("a")).await;
+    assert_eq!(
+        last.status, 200,
+        "the last token still serves a single push"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn health_metrics_and_openapi() {
     let h = start(test_config(), two_apps(), vec![room(1)]).await;
     let a = h.get("/healthz", None).await;
@@ -310,6 +402,40 @@ async fn grpc_api_checks_keys_and_limits_like_http() {
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("1000"), "{}", status.message());
+
+    // A batch over gRPC: one answer per message; a bad message is named by its index.
+    let message = |user: &str, payload: &[u8]| centerpb::BatchMessage {
+        users: vec![user.into()],
+        payload_json: payload.to_vec(),
+        qos: 0,
+        ttl_s: 0,
+    };
+    let batch = |messages: Vec<centerpb::BatchMessage>| {
+        let mut req = tonic::Request::new(centerpb::PushBatchRequest {
+            app: "demo".into(),
+            messages,
+        });
+        req.metadata_mut()
+            .insert("authorization", "Bearer k-demo".parse().unwrap());
+        req
+    };
+    let done = client
+        .push_batch(batch(vec![message("a", b"1"), message("b", b"{\"x\":2}")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(done.results.len(), 2);
+    assert_ne!(done.results[0].id, done.results[1].id);
+    let status = client
+        .push_batch(batch(vec![message("a", b"1"), message("b", b"{nope")]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("messages[1]"),
+        "{}",
+        status.message()
+    );
 
     // Dispatch over gRPC agrees with HTTP.
     let d = client
