@@ -77,6 +77,10 @@ struct Cli {
     /// Users per request (1 = unicast; more = multicast of the same payload).
     #[arg(long, default_value_t = 1)]
     users_per_request: usize,
+    /// Send the users of a request as that many unicasts, each with its own payload and message
+    /// id, through `POST /v1/apps/{app}/push/batch` (and as distinct items to the baseline).
+    #[arg(long)]
+    batch: bool,
     /// Print the results as JSON on stdout (progress stays on stderr).
     #[arg(long)]
     json: bool,
@@ -88,12 +92,15 @@ fn now_us() -> u64 {
     BASE.get_or_init(Instant::now).elapsed().as_micros() as u64
 }
 
-/// The payload of every message: its phase, sequence number and send time.
-#[derive(Debug, Serialize, Deserialize)]
+/// The payload of every message: its phase, sequence number and send time (and, in a batch,
+/// which message of the request it is).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Stamp {
     phase: usize,
     seq: u64,
     sent_us: u64,
+    #[serde(default)]
+    part: usize,
 }
 
 /// What the devices saw in one phase.
@@ -154,6 +161,7 @@ struct Report {
     rooms: usize,
     concurrency: usize,
     users_per_request: usize,
+    batch: bool,
     duration_s: u64,
     connect_s: f64,
     phases: Vec<PhaseResult>,
@@ -201,6 +209,7 @@ async fn main() -> anyhow::Result<()> {
         rooms: target.rooms.len(),
         concurrency: cli.concurrency,
         users_per_request: cli.users_per_request,
+        batch: cli.batch,
         duration_s: cli.duration,
         connect_s,
         ratio_msgs_per_s: ratio(e2e.msgs_per_s, baseline.msgs_per_s),
@@ -463,16 +472,25 @@ async fn receive(mut c: Connection, phases: [Arc<Received>; 2]) {
 /// How one message is sent in a phase.
 #[derive(Clone)]
 enum Sender {
-    Room(Vec<RoomClient<Channel>>),
+    Room {
+        rooms: Vec<RoomClient<Channel>>,
+        batch: bool,
+    },
     Http {
         client: reqwest::Client,
         url: String,
         key: String,
+        batch: bool,
     },
 }
 
 impl Sender {
-    fn new(target: &Target, phase: usize, concurrency: usize) -> anyhow::Result<Sender> {
+    fn new(
+        target: &Target,
+        phase: usize,
+        concurrency: usize,
+        batch: bool,
+    ) -> anyhow::Result<Sender> {
         if phase == 0 {
             let rooms = target
                 .rooms
@@ -482,27 +500,43 @@ impl Sender {
                     Ok(RoomClient::new(channel))
                 })
                 .collect::<anyhow::Result<_>>()?;
-            return Ok(Sender::Room(rooms));
+            return Ok(Sender::Room { rooms, batch });
         }
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(concurrency)
             .tcp_nodelay(true)
             .build()?;
+        let path = if batch { "push/batch" } else { "push" };
         Ok(Sender::Http {
             client,
-            url: format!("http://{}/v1/apps/{}/push", target.center_http, target.app),
+            url: format!(
+                "http://{}/v1/apps/{}/{path}",
+                target.center_http, target.app
+            ),
             key: target.api_key.clone(),
+            batch,
         })
     }
 
     /// Sends request `seq` to `users`; `Err` names the failure for the error table.
     async fn send(&self, app: &str, users: &[String], stamp: &Stamp) -> Result<(), String> {
         let payload = serde_json::to_vec(stamp).map_err(|e| e.to_string())?;
+        // In a batch, message k of the request has its own stamp (payload) and id.
+        let part = |k: usize| Stamp {
+            part: k,
+            ..stamp.clone()
+        };
         match self {
-            Sender::Room(rooms) => {
+            Sender::Room { rooms, batch } => {
                 // One Push per room, as a direct caller that knows every user's room would.
                 let mut by_room: BTreeMap<usize, Vec<roompb::PushItem>> = BTreeMap::new();
-                for user in users {
+                for (k, user) in users.iter().enumerate() {
+                    let (id, payload) = if *batch {
+                        let own = serde_json::to_vec(&part(k)).map_err(|e| e.to_string())?;
+                        (format!("b{}-{k}", stamp.seq), own)
+                    } else {
+                        (format!("b{}", stamp.seq), payload.clone())
+                    };
                     by_room
                         .entry(user_index(user) % rooms.len())
                         .or_default()
@@ -511,9 +545,9 @@ impl Sender {
                             app: app.into(),
                             user: user.clone(),
                             message: Some(roompb::Message {
-                                id: format!("b{}", stamp.seq),
+                                id,
                                 qos: 0,
-                                payload: payload.clone(),
+                                payload,
                                 ts: 0,
                             }),
                         });
@@ -534,12 +568,26 @@ impl Sender {
                     false => Err(format!("delivered {delivered} of {}", users.len())),
                 }
             }
-            Sender::Http { client, url, key } => {
-                let body = serde_json::json!({
-                    "users": users,
-                    "payload": serde_json::from_slice::<serde_json::Value>(&payload)
-                        .map_err(|e| e.to_string())?,
-                })
+            Sender::Http {
+                client,
+                url,
+                key,
+                batch,
+            } => {
+                let body = if *batch {
+                    let messages: Vec<_> = users
+                        .iter()
+                        .enumerate()
+                        .map(|(k, user)| serde_json::json!({"users": [user], "payload": part(k)}))
+                        .collect();
+                    serde_json::json!({ "messages": messages })
+                } else {
+                    serde_json::json!({
+                        "users": users,
+                        "payload": serde_json::from_slice::<serde_json::Value>(&payload)
+                            .map_err(|e| e.to_string())?,
+                    })
+                }
                 .to_string();
                 let res = client
                     .post(url)
@@ -553,7 +601,14 @@ impl Sender {
                 let text = res.text().await.map_err(|e| e.to_string())?;
                 let sessions = serde_json::from_str::<serde_json::Value>(&text)
                     .ok()
-                    .and_then(|v| v["sessions"].as_u64());
+                    .and_then(|v| match v.get("results") {
+                        Some(results) => results
+                            .as_array()?
+                            .iter()
+                            .map(|r| r["sessions"].as_u64())
+                            .sum(),
+                        None => v["sessions"].as_u64(),
+                    });
                 match (status, sessions) {
                     (200, Some(n)) if n == users.len() as u64 => Ok(()),
                     (200, n) => Err(format!("sessions {n:?}")),
@@ -603,11 +658,15 @@ async fn run_phase(
     } else {
         "end to end: center HTTP push"
     };
+    let name = match (phase, cli.batch) {
+        (1, true) => "end to end: center HTTP push/batch (one unicast per user)",
+        _ => name,
+    };
     eprintln!(
         "phase {name}: {} msgs/s for {} s, {} user(s) per request",
         cli.rate, cli.duration, cli.users_per_request
     );
-    let sender = Sender::new(target, phase, cli.concurrency)?;
+    let sender = Sender::new(target, phase, cli.concurrency, cli.batch)?;
     let per_request = cli.users_per_request as u64;
     let total = cli.rate * cli.duration / per_request;
     let interval_ns = 1_000_000_000 * per_request / cli.rate;
@@ -625,6 +684,7 @@ async fn run_phase(
                         phase,
                         seq,
                         sent_us: now_us(),
+                        part: 0,
                     };
                     let users: Vec<String> = (seq * per_request..(seq + 1) * per_request)
                         .map(|i| format!("u{}", i % clients))
@@ -745,11 +805,16 @@ fn print_report(report: &Report, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{} clients on {} room(s), concurrency {}, {} user(s) per request, {} s per phase (connect {:.1} s)",
+        "{} clients on {} room(s), concurrency {}, {} user(s) per request{}, {} s per phase (connect {:.1} s)",
         report.clients,
         report.rooms,
         report.concurrency,
         report.users_per_request,
+        if report.batch {
+            " as a batch of unicasts"
+        } else {
+            ""
+        },
         report.duration_s,
         report.connect_s
     );
@@ -787,9 +852,13 @@ mod tests {
             phase: 1,
             seq: 7,
             sent_us: 99,
+            part: 3,
         };
         let back: Stamp = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
-        assert_eq!((back.phase, back.seq, back.sent_us), (1, 7, 99));
+        assert_eq!(
+            (back.phase, back.seq, back.sent_us, back.part),
+            (1, 7, 99, 3)
+        );
     }
 
     #[test]
