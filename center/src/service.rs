@@ -259,7 +259,7 @@ impl Center {
     }
 
     /// A batch of pushes to users from an authenticated app: takes one token per message, then
-    /// sends them all at once (their lookups and room pushes merge per destination).
+    /// delivers them in one round (one lookup for all users, one room `Push` per room).
     pub async fn push_batch(
         &self,
         app: &App,
@@ -268,15 +268,21 @@ impl Center {
         let pushes = request.check(&self.config().fanout)?;
         self.take_tokens(app, pushes.len() as u32)?;
         metrics::counter!("center_push_batches_total").increment(1);
-        let sends = pushes.into_iter().map(|push| {
-            metrics::counter!("center_pushes_total", "qos" => push.qos.to_string()).increment(1);
-            let Target::Users(users) = push.target.clone() else {
-                unreachable!("a checked batch message targets users");
-            };
-            self.push_users(app, users, push)
-        });
+        let qos1 = pushes.iter().filter(|p| p.qos == 1).count() as u64;
+        metrics::counter!("center_pushes_total", "qos" => "0")
+            .increment(pushes.len() as u64 - qos1);
+        metrics::counter!("center_pushes_total", "qos" => "1").increment(qos1);
+        let pushes = pushes
+            .into_iter()
+            .map(|mut push| {
+                let Target::Users(users) = std::mem::replace(&mut push.target, Target::All) else {
+                    unreachable!("a checked batch message targets users");
+                };
+                (users, push)
+            })
+            .collect();
         Ok(api::PushBatchResponse {
-            results: futures::future::join_all(sends).await,
+            results: self.push_many(app, pushes).await,
         })
     }
 
@@ -290,27 +296,58 @@ impl Center {
     }
 
     async fn push_users(&self, app: &App, users: Vec<String>, push: Push) -> api::PushResponse {
-        let id = ids::new_id("m");
-        let deadline = Instant::now() + Duration::from_secs(u64::from(push.ttl_s));
-        let message = Self::message(&push, &id);
-        let mut response = api::PushResponse {
-            id: id.clone(),
-            ..Default::default()
-        };
-        let round = deliver_round(&self.fabric, &app.id, &users, &message, &HashSet::new()).await;
-        response.sessions = round.sessions;
-        response.users_online = round.online;
-        response.users_offline = round.offline;
-        response.users_unknown = round.unknown.len() as u64;
-        let mut retry: Vec<String> = round.unknown;
-        retry.extend(round.failed.iter().map(|(user, _)| user.clone()));
-        retry.sort();
-        retry.dedup();
-        if push.qos == 1 && !retry.is_empty() {
-            response.retrying = retry.len() as u64;
-            self.retry_in_background(app.id.clone(), retry, message, round.reached, deadline);
+        self.push_many(app, vec![(users, push)])
+            .await
+            .pop()
+            .expect("one answer per push")
+    }
+
+    /// Delivers pushes to users in one round (one lookup, one `Push` per room for all of them);
+    /// QoS 1 messages that missed users are retried in the background, each on its own.
+    async fn push_many(
+        &self,
+        app: &App,
+        pushes: Vec<(Vec<String>, Push)>,
+    ) -> Vec<api::PushResponse> {
+        let now = Instant::now();
+        let messages: Vec<roompb::Message> = pushes
+            .iter()
+            .map(|(_, push)| Self::message(push, &ids::new_id("m")))
+            .collect();
+        let none = HashSet::new();
+        let jobs: Vec<Job> = pushes
+            .iter()
+            .zip(&messages)
+            .map(|((users, _), message)| Job {
+                users,
+                message,
+                skip: &none,
+            })
+            .collect();
+        let rounds = deliver_rounds(&self.fabric, &app.id, &jobs).await;
+        drop(jobs);
+        let mut answers = Vec::with_capacity(rounds.len());
+        for ((push, message), round) in pushes.iter().map(|(_, p)| p).zip(messages).zip(rounds) {
+            let mut response = api::PushResponse {
+                id: message.id.clone(),
+                sessions: round.sessions,
+                users_online: round.online,
+                users_offline: round.offline,
+                users_unknown: round.unknown.len() as u64,
+                retrying: 0,
+            };
+            let mut retry: Vec<String> = round.unknown;
+            retry.extend(round.failed.into_iter().map(|(user, _)| user));
+            retry.sort();
+            retry.dedup();
+            if push.qos == 1 && !retry.is_empty() {
+                response.retrying = retry.len() as u64;
+                let deadline = now + Duration::from_secs(u64::from(push.ttl_s));
+                self.retry_in_background(app.id.clone(), retry, message, round.reached, deadline);
+            }
+            answers.push(response);
         }
-        response
+        answers
     }
 
     /// Keeps trying to deliver a QoS 1 message to `users` until `deadline`, skipping the
@@ -508,67 +545,98 @@ async fn deliver_round(
     message: &roompb::Message,
     skip: &HashSet<(String, String)>,
 ) -> Round {
-    let lookups = fabric.lookup(app, users).await;
-    let mut round = Round {
-        sessions: 0,
-        online: 0,
-        offline: 0,
-        unknown: vec![],
-        failed: vec![],
-        reached: HashSet::new(),
+    let job = Job {
+        users,
+        message,
+        skip,
     };
-    let mut by_room: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (user, lookup) in users.iter().zip(lookups) {
-        match lookup {
-            Lookup::Sessions(sessions) if sessions.is_empty() => round.offline += 1,
-            Lookup::Sessions(sessions) => {
-                round.online += 1;
-                let rooms: HashSet<String> = sessions.into_iter().map(|s| s.room_id).collect();
-                for room in rooms {
-                    if !skip.contains(&(user.clone(), room.clone())) {
-                        by_room.entry(room).or_default().push(user.clone());
+    deliver_rounds(fabric, app, &[job])
+        .await
+        .pop()
+        .expect("one round per job")
+}
+
+/// One message of a delivery round: its users, and the (user, room) pairs to skip.
+struct Job<'a> {
+    users: &'a [String],
+    message: &'a roompb::Message,
+    skip: &'a HashSet<(String, String)>,
+}
+
+/// Delivers several messages in one round: one lookup for all their users, then one `Push` per
+/// room carrying every message bound for it. Returns a round per job, in order.
+async fn deliver_rounds(fabric: &Fabric, app: &str, jobs: &[Job<'_>]) -> Vec<Round> {
+    let everyone: Vec<String> = jobs.iter().flat_map(|j| j.users.iter().cloned()).collect();
+    let mut lookups = fabric.lookup(app, &everyone).await.into_iter();
+    let mut rounds: Vec<Round> = jobs
+        .iter()
+        .map(|_| Round {
+            sessions: 0,
+            online: 0,
+            offline: 0,
+            unknown: vec![],
+            failed: vec![],
+            reached: HashSet::new(),
+        })
+        .collect();
+    // Per room: the items, and for each item the job and user it stands for.
+    let mut by_room: BTreeMap<String, (Vec<roompb::PushItem>, Vec<(usize, String)>)> =
+        BTreeMap::new();
+    for (j, job) in jobs.iter().enumerate() {
+        let round = &mut rounds[j];
+        for (user, lookup) in job.users.iter().zip(lookups.by_ref()) {
+            match lookup {
+                Lookup::Sessions(sessions) if sessions.is_empty() => round.offline += 1,
+                Lookup::Sessions(sessions) => {
+                    round.online += 1;
+                    let mut rooms: Vec<String> = sessions.into_iter().map(|s| s.room_id).collect();
+                    rooms.sort_unstable();
+                    rooms.dedup();
+                    for room in rooms {
+                        if job.skip.contains(&(user.clone(), room.clone())) {
+                            continue;
+                        }
+                        let (items, owners) = by_room.entry(room).or_default();
+                        items.push(roompb::PushItem {
+                            conn_id: 0,
+                            app: app.to_owned(),
+                            user: user.clone(),
+                            message: Some(job.message.clone()),
+                        });
+                        owners.push((j, user.clone()));
                     }
                 }
-            }
-            Lookup::Unknown(why) => {
-                tracing::debug!(%app, %user, "lookup unknown: {why}");
-                round.unknown.push(user.clone());
+                Lookup::Unknown(why) => {
+                    tracing::debug!(%app, %user, "lookup unknown: {why}");
+                    round.unknown.push(user.clone());
+                }
             }
         }
     }
-    let calls = by_room.into_iter().map(|(room, users)| {
-        let items = users
-            .iter()
-            .map(|user| roompb::PushItem {
-                conn_id: 0,
-                app: app.to_owned(),
-                user: user.clone(),
-                message: Some(message.clone()),
-            })
-            .collect();
-        async move {
+    let calls = by_room
+        .into_iter()
+        .map(|(room, (items, owners))| async move {
             let answer = fabric.push(&room, items).await;
-            (room, users, answer)
-        }
-    });
-    for (room, users, answer) in futures::future::join_all(calls).await {
+            (room, owners, answer)
+        });
+    for (room, owners, answer) in futures::future::join_all(calls).await {
         match answer {
             Ok(delivered) => {
-                round.sessions += delivered.iter().map(|&n| u64::from(n)).sum::<u64>();
-                round
-                    .reached
-                    .extend(users.into_iter().map(|u| (u, room.clone())));
+                for ((j, user), n) in owners.into_iter().zip(delivered) {
+                    rounds[j].sessions += u64::from(n);
+                    rounds[j].reached.insert((user, room.clone()));
+                }
             }
             Err(e) => {
                 tracing::debug!(%room, "push failed: {e}");
                 metrics::counter!("center_room_push_failures_total").increment(1);
-                round
-                    .failed
-                    .extend(users.into_iter().map(|u| (u, room.clone())));
+                for (j, user) in owners {
+                    rounds[j].failed.push((user, room.clone()));
+                }
             }
         }
     }
-    round
+    rounds
 }
 
 /// Sends one broadcast to one room, retrying a failed room up to `retries` more times.

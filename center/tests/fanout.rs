@@ -341,6 +341,72 @@ async fn multicast_to_1000_users_is_one_lookup_per_register_and_one_push_per_roo
 }
 
 #[tokio::test]
+async fn a_batch_of_unicasts_is_one_lookup_per_register_and_one_push_per_room() {
+    let c = cluster(vec![FakeRoom::default(), FakeRoom::default()], false).await;
+    // u0..u999: even users on room-1, odd on room-2, every fourth also on room-1 (two rooms).
+    for i in 0..1000u64 {
+        let u = format!("u{i}");
+        online(
+            &c.sessions,
+            &u,
+            if i % 2 == 0 { "room-1" } else { "room-2" },
+            i,
+        );
+        if i % 4 == 1 {
+            online(&c.sessions, &u, "room-1", 10_000 + i);
+        }
+    }
+    let messages: Vec<_> = (0..1000)
+        .map(|i| json!({"users": [format!("u{i}")], "payload": {"n": i}}))
+        .collect();
+    let a =
+        c.h.post(
+            "/v1/apps/demo/push/batch",
+            Some("k-demo"),
+            json!({ "messages": messages }),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let results = a.json["results"].as_array().unwrap();
+    assert_eq!(results.len(), 1000);
+    for (i, r) in results.iter().enumerate() {
+        let sessions = if i % 4 == 1 { 2 } else { 1 };
+        assert_eq!(r["sessions"], sessions, "message {i}: {r}");
+        assert_eq!(r["users_online"], 1, "message {i}: {r}");
+    }
+    for reg in &c.regs {
+        assert_eq!(
+            reg.batches.load(Ordering::SeqCst),
+            1,
+            "one LookupBatch per register"
+        );
+    }
+    let ids: std::collections::HashMap<&str, usize> = results
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r["id"].as_str().unwrap(), i))
+        .collect();
+    for (r, room) in c.rooms.iter().enumerate() {
+        let pushes = room.pushes.lock().unwrap();
+        assert_eq!(pushes.len(), 1, "one Push per room");
+        assert_eq!(pushes[0].items.len(), if r == 0 { 750 } else { 500 });
+        for item in &pushes[0].items {
+            // Each item carries its own message: the id and payload of that user's message.
+            let n: usize = item.user[1..].parse().unwrap();
+            let m = item.message.as_ref().unwrap();
+            assert_eq!(
+                ids[m.id.as_str()],
+                n,
+                "{} got another user's message",
+                item.user
+            );
+            assert_eq!(m.payload, format!("{{\"n\":{n}}}").into_bytes());
+        }
+    }
+    c.h.stop().await;
+}
+
+#[tokio::test]
 async fn wrong_owner_answers_are_followed() {
     let c = cluster(vec![FakeRoom::default()], true).await;
     let users: Vec<String> = (0..40).map(|i| format!("w{i}")).collect();
