@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use openraft::BasicNode;
 use openraft::ChangeMembers;
 use openraft::Config;
@@ -169,12 +170,13 @@ impl<M: StateMachine> RaftNode<M> {
             }
         });
 
+        let batcher = WriteBatcher::start(peers.clone());
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
                 raft,
                 sm: sm_store,
-                batcher: WriteBatcher::start(peers.clone()),
+                batcher,
                 peers,
                 status_rx,
             }),
@@ -402,14 +404,7 @@ impl<M: StateMachine> Inner<M> {
                     .map_err(write_error)
             }
             Forwarded::Writes(commands) => {
-                let writes = commands.into_iter().map(|bytes| async move {
-                    self.raft
-                        .client_write(Command(bytes))
-                        .await
-                        .map(|r: ClientWriteResponse<TypeConfig>| r.data)
-                        .map_err(write_error)
-                });
-                let replies: Vec<ForwardReply> = futures::future::join_all(writes).await;
+                let replies = write_many(&self.raft, commands).await;
                 encode(&replies).map_err(ForwardError::Failed)
             }
             Forwarded::ReadIndex => {
@@ -484,6 +479,36 @@ impl<M: StateMachine> Inner<M> {
         }
         Ok(())
     }
+}
+
+/// Proposes `commands` as one batch (one message to the Raft core instead of one each) and
+/// answers each, in order, once applied.
+async fn write_many<M: StateMachine>(
+    raft: &Raft<SmStore<M>>,
+    commands: Vec<Vec<u8>>,
+) -> Vec<ForwardReply> {
+    let count = commands.len();
+    let mut replies: Vec<ForwardReply> = match raft
+        .client_write_many(commands.into_iter().map(Command))
+        .await
+    {
+        Ok(stream) => {
+            stream
+                .map(|written| match written {
+                    Ok(Ok(w)) => Ok(w.response),
+                    Ok(Err(forward)) => Err(ForwardError::NotLeader(forward.leader_id)),
+                    Err(fatal) => Err(ForwardError::Failed(fatal.to_string())),
+                })
+                .collect()
+                .await
+        }
+        Err(fatal) => vec![Err(ForwardError::Failed(fatal.to_string())); count],
+    };
+    // A stream cut short by a fatal error leaves the rest unanswered: they failed.
+    replies.resize_with(count, || {
+        Err(ForwardError::Failed("raft stopped before answering".into()))
+    });
+    replies
 }
 
 fn write_error(e: OpenraftError<TypeConfig, ClientWriteError<TypeConfig>>) -> ForwardError {
