@@ -25,10 +25,10 @@ use crate::types::encode;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum Forwarded {
     /// An encoded application command.
-    Write(Vec<u8>),
+    Write(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Several encoded commands, proposed concurrently; the reply is a `Vec<ForwardReply>` in the
     /// same order.
-    Writes(Vec<Vec<u8>>),
+    Writes(Vec<serde_bytes::ByteBuf>),
     AddLearner {
         id: NodeId,
         addr: String,
@@ -163,6 +163,10 @@ async fn send(peers: &Peers, batch: Vec<PendingWrite>) {
         .unzip();
     let count = commands.len();
     let addr = replies[0].0.clone();
+    let commands = commands
+        .into_iter()
+        .map(serde_bytes::ByteBuf::from)
+        .collect();
     let outcome = match encode(&Forwarded::Writes(commands)) {
         Err(e) => Err(ForwardError::Failed(e)),
         Ok(data) => {

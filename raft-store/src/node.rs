@@ -404,6 +404,7 @@ impl<M: StateMachine> Inner<M> {
                     .map_err(write_error)
             }
             Forwarded::Writes(commands) => {
+                let commands = commands.into_iter().map(|c| c.into_vec()).collect();
                 let replies = write_many(&self.raft, commands).await;
                 encode(&replies).map_err(ForwardError::Failed)
             }

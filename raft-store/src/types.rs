@@ -10,9 +10,11 @@ use std::fmt;
 use serde::Deserialize;
 use serde::Serialize;
 
-/// An encoded application command, as stored in the log.
+/// An encoded application command, as stored in the log. Encoded as bytes (one copy), not as a
+/// sequence of u8 (one call per byte); bincode writes both the same way, so logs written before
+/// stay readable (see the test below).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Command(pub Vec<u8>);
+pub struct Command(#[serde(with = "serde_bytes")] pub Vec<u8>);
 
 impl fmt::Debug for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -66,4 +68,22 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, 
     bincode::serde::decode_from_slice(bytes, bincode::config::standard())
         .map(|(v, _)| v)
         .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// How a command was encoded before it was marked as bytes.
+    #[derive(Serialize, Deserialize)]
+    struct OldCommand(Vec<u8>);
+
+    #[test]
+    fn commands_encode_as_before_so_old_logs_stay_readable() {
+        let payload: Vec<u8> = (0..=255).chain(0..44).collect();
+        let new = encode(&Command(payload.clone())).unwrap();
+        assert_eq!(new, encode(&OldCommand(payload.clone())).unwrap());
+        let back: Command = decode(&encode(&OldCommand(payload.clone())).unwrap()).unwrap();
+        assert_eq!(back.0, payload);
+    }
 }

@@ -74,8 +74,10 @@ pub enum Command {
 /// etcd `RangeRequest` (without sorting and revision filters).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RangeOp {
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     /// Empty: exactly `key`; `[0]`: every key >= `key`; otherwise `[key, range_end)`.
+    #[serde(with = "serde_bytes")]
     pub range_end: Vec<u8>,
     /// 0 (or negative) reads the current revision.
     pub revision: i64,
@@ -88,7 +90,9 @@ pub struct RangeOp {
 /// etcd `PutRequest`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PutOp {
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
     /// 0 detaches the key from any lease; otherwise the lease must exist.
     pub lease: i64,
@@ -102,8 +106,10 @@ pub struct PutOp {
 /// etcd `DeleteRangeRequest`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeleteOp {
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     /// Same rules as [`RangeOp::range_end`].
+    #[serde(with = "serde_bytes")]
     pub range_end: Vec<u8>,
     pub prev_kv: bool,
 }
@@ -128,8 +134,10 @@ pub enum Op {
 /// etcd `Compare`: `<field of key> <result> <target>`, e.g. `version(key) == 0`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Compare {
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     /// Same rules as [`RangeOp::range_end`]; every key in the range must satisfy the compare.
+    #[serde(with = "serde_bytes")]
     pub range_end: Vec<u8>,
     pub target: CompareTarget,
     pub result: CompareResult,
@@ -141,7 +149,7 @@ pub enum CompareTarget {
     Version(i64),
     CreateRevision(i64),
     ModRevision(i64),
-    Value(Vec<u8>),
+    Value(#[serde(with = "serde_bytes")] Vec<u8>),
     Lease(i64),
 }
 

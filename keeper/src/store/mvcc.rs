@@ -18,7 +18,9 @@ use super::command::{Result, StoreError};
 /// etcd `mvccpb.KeyValue`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyValue {
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
     pub create_revision: i64,
     pub mod_revision: i64,
@@ -103,6 +105,7 @@ impl<'a> KeyRange<'a> {
 /// A key's state as of one change; `None` in [`Entry::live`] is a deletion (tombstone).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Live {
+    #[serde(with = "serde_bytes")]
     pub(crate) value: Vec<u8>,
     pub(crate) create_revision: i64,
     pub(crate) version: i64,
@@ -637,6 +640,41 @@ fn batch_sub(batch: &WriteBatch) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `Live` as encoded before its value was marked as bytes.
+    #[derive(Serialize, Deserialize)]
+    struct OldLive {
+        value: Vec<u8>,
+        create_revision: i64,
+        version: i64,
+        lease: i64,
+    }
+
+    #[test]
+    fn values_encode_as_before_so_old_snapshots_stay_readable() {
+        let config = bincode::config::standard();
+        let value: Vec<u8> = (0..=255).collect();
+        let new = Live {
+            value: value.clone(),
+            create_revision: 7,
+            version: 2,
+            lease: 0,
+        };
+        let old = OldLive {
+            value: value.clone(),
+            create_revision: 7,
+            version: 2,
+            lease: 0,
+        };
+        let old_bytes = bincode::serde::encode_to_vec(&old, config).unwrap();
+        assert_eq!(
+            bincode::serde::encode_to_vec(&new, config).unwrap(),
+            old_bytes
+        );
+        let (back, _): (Live, usize) =
+            bincode::serde::decode_from_slice(&old_bytes, config).unwrap();
+        assert_eq!(back, new);
+    }
 
     fn put(mvcc: &mut Mvcc, key: &str, value: &str) {
         let mut batch = mvcc.begin();
