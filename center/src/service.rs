@@ -563,6 +563,9 @@ struct Job<'a> {
     skip: &'a HashSet<(String, String)>,
 }
 
+/// One room's share of a round: the items, and for each item the job and user it stands for.
+type RoomPush = (Vec<roompb::PushItem>, Vec<(usize, String)>);
+
 /// Delivers several messages in one round: one lookup for all their users, then one `Push` per
 /// room carrying every message bound for it. Returns a round per job, in order.
 async fn deliver_rounds(fabric: &Fabric, app: &str, jobs: &[Job<'_>]) -> Vec<Round> {
@@ -579,9 +582,7 @@ async fn deliver_rounds(fabric: &Fabric, app: &str, jobs: &[Job<'_>]) -> Vec<Rou
             reached: HashSet::new(),
         })
         .collect();
-    // Per room: the items, and for each item the job and user it stands for.
-    let mut by_room: BTreeMap<String, (Vec<roompb::PushItem>, Vec<(usize, String)>)> =
-        BTreeMap::new();
+    let mut by_room: BTreeMap<String, RoomPush> = BTreeMap::new();
     for (j, job) in jobs.iter().enumerate() {
         let round = &mut rounds[j];
         for (user, lookup) in job.users.iter().zip(lookups.by_ref()) {
