@@ -314,20 +314,25 @@ impl Center {
             .iter()
             .map(|(_, push)| Self::message(push, &ids::new_id("m")))
             .collect();
+        // Every message's users in one list (moved, not copied); each job names its share.
         let none = HashSet::new();
-        let jobs: Vec<Job> = pushes
-            .iter()
-            .zip(&messages)
-            .map(|((users, _), message)| Job {
-                users,
+        let mut everyone: Vec<String> = Vec::new();
+        let mut jobs: Vec<Job> = Vec::with_capacity(pushes.len());
+        let mut settings: Vec<Push> = Vec::with_capacity(pushes.len());
+        for ((users, push), message) in pushes.into_iter().zip(&messages) {
+            let start = everyone.len();
+            everyone.extend(users);
+            jobs.push(Job {
+                users: start..everyone.len(),
                 message,
                 skip: &none,
-            })
-            .collect();
-        let rounds = deliver_rounds(&self.fabric, &app.id, &jobs).await;
+            });
+            settings.push(push);
+        }
+        let rounds = deliver_rounds(&self.fabric, &app.id, everyone, &jobs).await;
         drop(jobs);
         let mut answers = Vec::with_capacity(rounds.len());
-        for ((push, message), round) in pushes.iter().map(|(_, p)| p).zip(messages).zip(rounds) {
+        for ((push, message), round) in settings.iter().zip(messages).zip(rounds) {
             let mut response = api::PushResponse {
                 id: message.id.clone(),
                 sessions: round.sessions,
@@ -380,7 +385,8 @@ impl Center {
                     _ = tokio::time::sleep_until(wake) => {}
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
-                let round = deliver_round(&fabric, &app, &users, &message, &reached).await;
+                let tried = std::mem::take(&mut users);
+                let round = deliver_round(&fabric, &app, tried, &message, &reached).await;
                 reached.extend(round.reached);
                 let mut left: Vec<String> = round.unknown;
                 left.extend(round.failed.into_iter().map(|(user, _)| user));
@@ -541,16 +547,16 @@ struct Round {
 async fn deliver_round(
     fabric: &Fabric,
     app: &str,
-    users: &[String],
+    users: Vec<String>,
     message: &roompb::Message,
     skip: &HashSet<(String, String)>,
 ) -> Round {
     let job = Job {
-        users,
+        users: 0..users.len(),
         message,
         skip,
     };
-    deliver_rounds(fabric, app, &[job])
+    deliver_rounds(fabric, app, users, &[job])
         .await
         .pop()
         .expect("one round per job")
@@ -558,7 +564,8 @@ async fn deliver_round(
 
 /// One message of a delivery round: its users, and the (user, room) pairs to skip.
 struct Job<'a> {
-    users: &'a [String],
+    /// Its users: this range of the round's user list.
+    users: std::ops::Range<usize>,
     message: &'a roompb::Message,
     skip: &'a HashSet<(String, String)>,
 }
@@ -568,8 +575,13 @@ type RoomPush = (Vec<roompb::PushItem>, Vec<(usize, String)>);
 
 /// Delivers several messages in one round: one lookup for all their users, then one `Push` per
 /// room carrying every message bound for it. Returns a round per job, in order.
-async fn deliver_rounds(fabric: &Fabric, app: &str, jobs: &[Job<'_>]) -> Vec<Round> {
-    let everyone: Vec<String> = jobs.iter().flat_map(|j| j.users.iter().cloned()).collect();
+async fn deliver_rounds(
+    fabric: &Fabric,
+    app: &str,
+    everyone: Vec<String>,
+    jobs: &[Job<'_>],
+) -> Vec<Round> {
+    // Jobs' ranges cover `everyone` in order, so the answers are taken as they come.
     let mut lookups = fabric.lookup(app, &everyone).await.into_iter();
     let mut rounds: Vec<Round> = jobs
         .iter()
@@ -585,7 +597,7 @@ async fn deliver_rounds(fabric: &Fabric, app: &str, jobs: &[Job<'_>]) -> Vec<Rou
     let mut by_room: BTreeMap<String, RoomPush> = BTreeMap::new();
     for (j, job) in jobs.iter().enumerate() {
         let round = &mut rounds[j];
-        for (user, lookup) in job.users.iter().zip(lookups.by_ref()) {
+        for (user, lookup) in everyone[job.users.clone()].iter().zip(lookups.by_ref()) {
             match lookup {
                 Lookup::Sessions(sessions) if sessions.is_empty() => round.offline += 1,
                 Lookup::Sessions(sessions) => {
