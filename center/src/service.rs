@@ -606,7 +606,9 @@ async fn deliver_rounds(
                     rooms.sort_unstable();
                     rooms.dedup();
                     for room in rooms {
-                        if job.skip.contains(&(user.clone(), room.clone())) {
+                        // Only QoS 1 retries skip anything; a first round builds no key.
+                        if !job.skip.is_empty() && job.skip.contains(&(user.clone(), room.clone()))
+                        {
                             continue;
                         }
                         let (items, owners) = by_room.entry(room).or_default();
