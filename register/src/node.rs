@@ -91,7 +91,6 @@ fn unavailable(epoch: u64, why: &str) -> ItemResult {
     result(Status::Unavailable, epoch, "", why)
 }
 
-/// Maps a fencing verdict that is not "serve" to its item result.
 /// The answer to a lookup whose store read found `sessions`. `rebuilding` is true when the slot
 /// was rebuilding before *or* after the read: a room's Sync that completes between the first
 /// verdict and the read makes the slot ready while our read predates it, so the read may still be
@@ -111,6 +110,7 @@ fn lookup_answer(current: u64, sessions: Vec<Session>, rebuilding: bool) -> Look
     }
 }
 
+/// Maps a fencing verdict that is not "serve" to its item result.
 fn refusal(v: &Verdict) -> Option<ItemResult> {
     match v {
         Verdict::Serve { .. } => None,
