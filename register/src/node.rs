@@ -120,6 +120,18 @@ fn refusal(v: &Verdict) -> Option<ItemResult> {
             owner,
             "not the owner of this slot",
         )),
+        Verdict::Reassigned {
+            owner,
+            since,
+            epoch,
+        } => Some(result(
+            Status::WrongOwner,
+            *epoch,
+            owner,
+            format!(
+                "this register owns the slot only since epoch {since}, after the caller's map; refresh the slot map"
+            ),
+        )),
         Verdict::Behind { epoch } => Some(unavailable(
             *epoch,
             "register has not seen the caller's epoch yet; retry",
@@ -258,6 +270,7 @@ impl Node {
             }
             tracing::info!(room, sessions = n, "dropped sessions of a departed room");
         }
+        tracing::info!(rooms = ?live, "live rooms");
         let mut table = self.table.write().expect("table lock");
         if !table.set_live_rooms(live, Instant::now()).is_empty() {
             self.save_meta(&table);
@@ -361,7 +374,7 @@ impl Node {
         for (i, (slot, bad)) in items.iter().enumerate() {
             let r = match (slot, bad) {
                 (_, Some(e)) => result(Status::Invalid, current, "", e.clone()),
-                (Some(slot), None) => match refusal(&table.verdict(epoch, *slot)) {
+                (Some(slot), None) => match refusal(&table.write_verdict(epoch, *slot)) {
                     Some(r) => r,
                     None => {
                         accepted.push((i, *slot));
@@ -492,7 +505,11 @@ impl Node {
             }
         }
         let _w = self.write.write().expect("write lock");
-        let verdict = self.table.read().expect("table lock").verdict(epoch, slot);
+        let verdict = self
+            .table
+            .read()
+            .expect("table lock")
+            .write_verdict(epoch, slot);
         if !self.gate.is_open() {
             return Ok((unavailable(current, GATE_CLOSED), 0));
         }
@@ -548,7 +565,11 @@ impl Node {
                 continue;
             }
             let slot = d.slot as u16;
-            let verdict = self.table.read().expect("table lock").verdict(epoch, slot);
+            let verdict = self
+                .table
+                .read()
+                .expect("table lock")
+                .write_verdict(epoch, slot);
             if !self.gate.is_open() {
                 out.push(mismatch(unavailable(current, GATE_CLOSED)));
                 continue;

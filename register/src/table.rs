@@ -40,6 +40,14 @@ pub enum Verdict {
     Behind {
         epoch: u64,
     },
+    /// We own the slot, but only since epoch `since`, after the caller's map: the request was
+    /// meant for an earlier owner (or an earlier time of ours) and may carry stale state, e.g. a
+    /// digest or Sync delayed in the network across a partition.
+    Reassigned {
+        owner: String,
+        since: u64,
+        epoch: u64,
+    },
 }
 
 /// Slots that need their data dropped after a change of the map.
@@ -89,10 +97,10 @@ impl SlotTable {
         self.rebuild_timeout = timeout;
     }
 
-    /// The fencing decision. A register serves a slot only if, in its current map, it owns the
-    /// slot and the caller's epoch is not newer than that map. A caller with an older epoch that
-    /// reached the right owner is served (its routing was right); one that reached the wrong
-    /// register learns the owner and our epoch.
+    /// The fencing decision for a read. A register serves a slot only if, in its current map, it
+    /// owns the slot and the caller's epoch is not newer than that map. A caller with an older
+    /// epoch that reached the right owner is served (a read answers from the current state);
+    /// one that reached the wrong register learns the owner and our epoch.
     pub fn verdict(&self, epoch: u64, slot: u16) -> Verdict {
         if epoch > self.map.epoch {
             return Verdict::Behind {
@@ -107,6 +115,23 @@ impl SlotTable {
             SlotState::Rebuilding { .. } => Verdict::Serve { rebuilding: true },
             SlotState::Ready => Verdict::Serve { rebuilding: false },
         }
+    }
+
+    /// The fencing decision for a request that changes or vouches for the slot's data (Attach,
+    /// Detach, Sync, Digest): like [`SlotTable::verdict`], and also refused when the caller's map
+    /// predates our current ownership of the slot, since the request then carries state from
+    /// before it (say, a digest held up in the network across a partition).
+    pub fn write_verdict(&self, epoch: u64, slot: u16) -> Verdict {
+        let since = self.map.since(slot);
+        let owned = self.states[usize::from(slot)] != SlotState::NotOwned;
+        if owned && epoch < since && epoch <= self.map.epoch {
+            return Verdict::Reassigned {
+                owner: self.me.clone(),
+                since,
+                epoch: self.map.epoch,
+            };
+        }
+        self.verdict(epoch, slot)
     }
 
     /// Applies a newer map. Slots kept keep their state; gained slots (also those that left and
@@ -284,6 +309,35 @@ mod tests {
         assert!(c.lost.is_empty());
         assert_eq!(t.verdict(3, 0), Verdict::Serve { rebuilding: true });
         assert_eq!(t.verdict(3, 1), Verdict::Serve { rebuilding: false });
+    }
+
+    #[test]
+    fn requests_routed_before_a_slot_was_assigned_to_us_are_refused() {
+        // Found by jepsen-tests (R1): digests a room sent at epoch 1, held up by a partition,
+        // reached the register after it got the slot back at epoch 3 and matched its empty
+        // store, so the slot counted as rebuilt and answered "offline".
+        let now = Instant::now();
+        let mut t = SlotTable::new("r1", Duration::from_secs(5));
+        t.set_live_rooms(rooms(&["a"]), now);
+        let owners = |o: &dyn Fn(u16) -> &'static str| -> Vec<String> {
+            (0..SLOTS).map(|s| o(s).to_string()).collect()
+        };
+        let first = SlotMap::fresh(1, owners(&|s| if s < 2 { "r1" } else { "r2" }));
+        let second = first.next(owners(&|s| if s == 1 { "r1" } else { "r2" }));
+        let third = second.next(first.slots.clone());
+        t.apply(third, now);
+        let stale = Verdict::Reassigned {
+            owner: "r1".into(),
+            since: 3,
+            epoch: 3,
+        };
+        assert_eq!(t.write_verdict(1, 0), stale);
+        assert_eq!(t.write_verdict(2, 0), stale);
+        assert_eq!(t.write_verdict(3, 0), Verdict::Serve { rebuilding: true });
+        // Slot 1 has been ours since epoch 1: a caller with an older map routed it right.
+        assert!(matches!(t.write_verdict(1, 1), Verdict::Serve { .. }));
+        // Reads answer from the current state, whatever map routed them.
+        assert_eq!(t.verdict(1, 0), Verdict::Serve { rebuilding: true });
     }
 
     fn rooms(names: &[&str]) -> BTreeSet<String> {
