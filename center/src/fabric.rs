@@ -188,10 +188,10 @@ impl Fabric {
                     .collect();
                 async move {
                     let answer = self.lookup_batch(&owner, epoch, batch).await;
-                    (owner, idx, answer)
+                    (owner, epoch, idx, answer)
                 }
             });
-            for (owner, idx, answer) in futures::future::join_all(calls).await {
+            for (owner, epoch, idx, answer) in futures::future::join_all(calls).await {
                 // One answer per user: the lane refuses a short answer as an error.
                 let answers = match answer {
                     Ok(a) => a,
@@ -209,7 +209,10 @@ impl Fabric {
                         Ok(registerpb::Status::WrongOwner) => {
                             why[i] =
                                 format!("register {owner}: wrong owner at epoch {}", result.epoch);
-                            if !result.owner.is_empty() && result.owner != owner {
+                            // Another owner, or this one at a newer epoch (it got the slot
+                            // after our map): go where the answer points.
+                            let newer = result.owner != owner || result.epoch > epoch;
+                            if !result.owner.is_empty() && newer {
                                 hints.insert(i, (result.owner, result.epoch));
                             }
                         }
