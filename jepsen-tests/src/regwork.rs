@@ -515,8 +515,8 @@ impl TestRoom {
         mismatched
     }
 
-    /// The room's background loop: Sync every slot whose owner changed (every owned slot at
-    /// first), and a digest round every second, until `stop`.
+    /// The room's background loop: Sync every slot assigned anew, owner or `since` (every owned
+    /// slot at first), and a digest round every second, until `stop`.
     pub async fn follow(self: Arc<Self>, stop: CancellationToken) {
         let mut synced = SlotMap::empty();
         let mut changes = self.ctx.dir.subscribe();
@@ -525,7 +525,9 @@ impl TestRoom {
             let map = self.ctx.dir.map();
             if map.epoch != synced.epoch {
                 let moved: Vec<u16> = (0..SLOTS)
-                    .filter(|s| map.owner(*s).is_some() && map.owner(*s) != synced.owner(*s))
+                    .filter(|s| {
+                        map.owner(*s).is_some() && map.assignment(*s) != synced.assignment(*s)
+                    })
                     .collect();
                 let done: Vec<bool> = futures::stream::iter(moved)
                     .map(|slot| {
