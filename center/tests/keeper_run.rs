@@ -84,6 +84,7 @@ async fn run_follows_the_keeper_and_registers_itself() {
         zone: String::new(),
         started_at: "2026-01-01T00:00:00Z".into(),
         meta: BTreeMap::new(),
+        lease: 0,
     };
     keeper
         .put("/instances/room/room-7", serde_json::to_vec(&room).unwrap())

@@ -109,6 +109,7 @@ impl Keeper {
             zone: instance.zone,
             started_at: layout::now_rfc3339(),
             meta: instance.meta,
+            lease: 0,
         };
         let body = serde_json::to_vec(&info).map_err(|e| Error::Invalid(e.to_string()))?;
         let key = layout::instance_key(service, &info.id);
@@ -213,7 +214,13 @@ async fn load_instances(
     for kv in kvs {
         match kv.json::<InstanceInfo>() {
             Ok(info) => {
-                map.insert(kv.key.clone(), info);
+                map.insert(
+                    kv.key.clone(),
+                    InstanceInfo {
+                        lease: kv.lease,
+                        ..info
+                    },
+                );
             }
             Err(e) => tracing::warn!(error = %e, "skipping an unreadable instance"),
         }
@@ -242,6 +249,10 @@ async fn follow_instances(
                     match e.kind {
                         EventKind::Put => match e.kv.json::<InstanceInfo>() {
                             Ok(info) => {
+                                let info = InstanceInfo {
+                                    lease: e.kv.lease,
+                                    ..info
+                                };
                                 map.insert(e.kv.key.clone(), info);
                             }
                             Err(err) => {

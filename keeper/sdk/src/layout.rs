@@ -192,6 +192,10 @@ pub struct InstanceInfo {
     pub started_at: String,
     #[serde(default)]
     pub meta: BTreeMap<String, String>,
+    /// The lease the instance key is on, as discovery read it (not part of the stored body; 0
+    /// elsewhere). A new lease means a new incarnation: the instance restarted or re-registered.
+    #[serde(skip)]
+    pub lease: i64,
 }
 
 /// `/applied/{service}/{instance}`: what the instance did with the last document it tried.

@@ -39,6 +39,9 @@ async fn discover_sees_registration_and_its_removal_on_drop() -> anyhow::Result<
     assert_eq!(seen[0].id, "r1");
     assert_eq!(seen[0].addrs["grpc"], "127.0.0.1:7102");
     assert_eq!(seen[0].zone, "z1");
+    assert_eq!(seen[0].lease, reg.lease_id(), "the lease the key is on");
+    let loaded = watcher.discover("room").await?;
+    assert_eq!(loaded.instances()[0].lease, reg.lease_id());
     assert!(!*reg.lost().borrow());
 
     let second = owner.register("room", instance("r2")).await?;
@@ -126,6 +129,7 @@ async fn registration_survives_leader_kill_and_comes_back_after_revoke() -> anyh
         .await?
         .expect("still registered");
     assert_eq!(kv.lease, first_lease);
+    assert_eq!(discovery.instances()[0].lease, first_lease);
     assert!(!*reg.lost().borrow());
 
     // Revoked behind its back: the key goes, then comes back on a new lease.
@@ -146,10 +150,17 @@ async fn registration_survives_leader_kill_and_comes_back_after_revoke() -> anyh
     )
     .await?;
     assert_eq!(reg.lease_id(), renewed);
-    testkit::wait_until("discovery shows it again", Duration::from_secs(5), || {
-        let d = &discovery;
-        async move { (ids(d) == ["keep-me"]).then_some(()) }
-    })
+    testkit::wait_until(
+        "discovery shows it again, on the new lease",
+        Duration::from_secs(5),
+        || {
+            let d = &discovery;
+            async move {
+                let list = d.instances();
+                (list.len() == 1 && list[0].lease == renewed).then_some(())
+            }
+        },
+    )
     .await?;
     Ok(())
 }
