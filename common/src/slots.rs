@@ -1,5 +1,7 @@
 //! Maps users to the 1024 register slots, and the slot map that says which register owns each.
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
 use serde::Serialize;
 
@@ -33,6 +35,13 @@ pub struct SlotMap {
     /// every slot then counts as owned since epoch 0.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub since: Vec<u64>,
+    /// `leases[id]` is the instance lease register `id` was on when the controller last assigned
+    /// to it: a register answers for its slots only while it is on that lease. A register that
+    /// restarted (or lost its lease) is on a new lease, and the assignment made to its previous
+    /// lease may be revoked as soon as that lease expires, so it waits for a map naming the new
+    /// one. Empty (or lacking an owner) in maps written before it existed: ownership by id alone.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub leases: BTreeMap<String, i64>,
 }
 
 /// A slot map whose shape is wrong (not exactly [`SLOTS`] entries).
@@ -47,6 +56,7 @@ impl SlotMap {
             epoch: 0,
             slots: vec![String::new(); usize::from(SLOTS)],
             since: Vec::new(),
+            leases: BTreeMap::new(),
         }
     }
 
@@ -57,11 +67,12 @@ impl SlotMap {
             epoch,
             since: vec![epoch; slots.len()],
             slots,
+            leases: BTreeMap::new(),
         }
     }
 
-    /// The map that follows this one with `slots` as owners: the epoch is bumped, and `since`
-    /// moves to the new epoch exactly for the slots whose owner changed.
+    /// The map that follows this one with `slots` as owners: the epoch is bumped, `since` moves
+    /// to the new epoch exactly for the slots whose owner changed, and the leases carry over.
     pub fn next(&self, slots: Vec<String>) -> Self {
         let epoch = self.epoch + 1;
         let since = slots
@@ -80,7 +91,25 @@ impl SlotMap {
             epoch,
             slots,
             since,
+            leases: self.leases.clone(),
         }
+    }
+
+    /// This map with `leases` as the owners' instance leases.
+    pub fn leased(mut self, leases: BTreeMap<String, i64>) -> Self {
+        self.leases = leases;
+        self
+    }
+
+    /// Whether `slot` is assigned to register `id` on instance lease `lease`. A map that names no
+    /// lease for the owner (written before leases existed) assigns by id alone, and so does a
+    /// `lease` of `None` (a register running without one, as in tests).
+    pub fn assigned_to(&self, slot: u16, id: &str, lease: Option<i64>) -> bool {
+        self.owner(slot) == Some(id)
+            && match (lease, self.leases.get(id)) {
+                (Some(ours), Some(named)) => ours == *named,
+                _ => true,
+            }
     }
 
     /// The epoch since which `slot` has had its current owner (0 when the map predates `since`).
@@ -189,5 +218,26 @@ mod tests {
         let mut bad = first.clone();
         bad.since.pop();
         assert!(bad.check().is_err());
+    }
+
+    #[test]
+    fn an_assignment_names_the_owners_lease() {
+        let first = SlotMap::fresh(1, vec!["r1".to_string(); usize::from(SLOTS)]);
+        // No lease named: by id alone.
+        assert!(first.assigned_to(0, "r1", Some(7)));
+        assert!(!first.assigned_to(0, "r2", Some(7)));
+        let leased = first
+            .next(first.slots.clone())
+            .leased(BTreeMap::from([("r1".into(), 7)]));
+        assert!(leased.assigned_to(0, "r1", Some(7)));
+        assert!(!leased.assigned_to(0, "r1", Some(8)));
+        assert!(leased.assigned_to(0, "r1", None));
+        // A lease change alone keeps the assignment's epoch, and the leases carry over.
+        assert_eq!(leased.assignment(0), first.assignment(0));
+        assert_eq!(leased.next(leased.slots.clone()).leases, leased.leases);
+        let json = serde_json::to_string(&leased).unwrap();
+        assert!(json.contains(r#""leases":{"r1":7}"#), "{json}");
+        assert!(!serde_json::to_string(&first).unwrap().contains("leases"));
+        assert_eq!(serde_json::from_str::<SlotMap>(&json).unwrap(), leased);
     }
 }

@@ -5,8 +5,11 @@
 //! create_revision of our election key (fencing: a deposed controller, whose key is gone, cannot
 //! write).
 
+use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::time::Duration;
 
+use keeper_sdk::InstanceInfo;
 use keeper_sdk::Keeper;
 use keeper_sdk::Leadership;
 use keeper_sdk::layout;
@@ -91,14 +94,16 @@ async fn lead(
     let key = election_key(keeper, l).await?;
     let mut registers = keeper.discover("register").await?;
     loop {
-        let live: Vec<String> = registers.instances().iter().map(|i| i.id.clone()).collect();
+        let instances = registers.instances();
+        let live: Vec<String> = instances.iter().map(|i| i.id.clone()).collect();
         let (map, rev) = read_map(keeper).await?;
         let config = node.config();
         let next = balance(&map.slots, &live, config.handback_slots_per_step);
+        let leases = owner_leases(&next, &instances, &map);
         let mut current = map.slots.clone();
-        if next != map.slots {
+        if next != map.slots || leases != map.leases {
             let moved = next.iter().zip(&map.slots).filter(|(a, b)| a != b).count();
-            let new = map.next(next);
+            let new = map.next(next).leased(leases);
             if write_guarded(keeper, &key, l.revision(), rev, &new).await? {
                 tracing::info!(epoch = new.epoch, moved, live = ?live, "slot map written");
                 current = new.slots;
@@ -117,6 +122,29 @@ async fn lead(
             _ = tokio::time::sleep(Duration::from_millis(config.handback_interval_ms)), if pending => {}
         }
     }
+}
+
+/// The instance lease of every owner in `slots`: the one discovery shows it on, or (for an owner
+/// that is not live, when no register is) the one `map` named. A register whose lease changed
+/// keeps its slots and their `since`: no other register had them in between, and it answers for
+/// them again once it sees this map name its new lease.
+fn owner_leases(slots: &[String], live: &[InstanceInfo], map: &SlotMap) -> BTreeMap<String, i64> {
+    let owners: BTreeSet<&str> = slots
+        .iter()
+        .map(String::as_str)
+        .filter(|o| !o.is_empty())
+        .collect();
+    owners
+        .into_iter()
+        .filter_map(|owner| {
+            let lease = live
+                .iter()
+                .find(|i| i.id == owner && i.lease != 0)
+                .map(|i| i.lease)
+                .or_else(|| map.leases.get(owner).copied())?;
+            Some((owner.to_string(), lease))
+        })
+        .collect()
 }
 
 /// Writes `map` if the stored map is still at `rev` and our election key still exists with our

@@ -5,7 +5,10 @@
 //! - A keep-alive sent at local time `t` and answered with a positive TTL means the keeper renewed
 //!   the lease at some moment after `t`, so it cannot expire before `t + TTL`.
 //! - The slot controller moves this register's slots only after the keeper deletes the instance key
-//!   at expiry, so a new owner cannot serve before `t + TTL` either.
+//!   at expiry, so a new owner cannot serve before `t + TTL` either. This covers only slots the map
+//!   assigned to the lease being kept alive: the map names each owner's lease, and slots assigned
+//!   to an earlier lease of ours (before a restart or a lease loss) are held, not answered
+//!   (`SlotMap::assigned_to`, `SlotState::Held`).
 //! - The gate stays open until `t + TTL/2`. The remaining TTL/2 absorbs clock-rate differences,
 //!   scheduling delays and the time between the gate check and the answer leaving.
 //! - Keep-alives go out every TTL/6, so two can be lost in a row without the gate closing.

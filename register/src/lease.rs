@@ -42,6 +42,7 @@ impl InstanceLease {
             zone: zone.to_string(),
             started_at: layout::now_rfc3339(),
             meta: BTreeMap::new(),
+            lease: 0,
         };
         let mut this = Self {
             keeper: keeper.clone(),
@@ -50,20 +51,23 @@ impl InstanceLease {
             ttl: Duration::from_secs(ttl_s),
             lease: 0,
         };
-        let sent = this.grant().await?;
+        let sent = this.grant(node).await?;
         node.gate().renewed(sent, this.ttl);
         Ok(this)
     }
 
-    /// Grants a new lease and writes the instance key on it; returns when the grant was sent.
-    /// Does not open the gate: the caller decides when this register's view is fresh enough.
-    async fn grant(&mut self) -> Result<Instant> {
+    /// Grants a new lease, moves the node onto it (slots assigned to the previous lease are held
+    /// until the controller names this one), and writes the instance key on it; returns when the
+    /// grant was sent. Does not open the gate: the caller decides when this register's view is
+    /// fresh enough.
+    async fn grant(&mut self, node: &Node) -> Result<Instant> {
         let sent = Instant::now();
         let lease = self
             .keeper
             .lease_grant(self.ttl.as_secs() as i64)
             .await
             .map_err(|e| Error::Keeper(format!("lease grant: {e}")))?;
+        node.set_lease(lease)?;
         self.keeper
             .put_leased(&self.key, self.body.clone(), lease)
             .await
@@ -136,7 +140,7 @@ impl InstanceLease {
         let retry = self.ttl / 6;
         loop {
             let attempt = async {
-                let sent = self.grant().await?;
+                let sent = self.grant(node).await?;
                 let (map, _) = crate::controller::read_map(&self.keeper)
                     .await
                     .map_err(|e| Error::Keeper(format!("read slot map: {e}")))?;

@@ -85,12 +85,15 @@ pub async fn run(config: ProcessConfig, shutdown: CancellationToken) -> Result<(
         .map_err(keeper_err("discover rooms"))?;
     let live_rooms = follow::ids(&rooms);
     node.set_live_rooms(live_rooms.clone())?;
+    // The lease before the map: the map read next may still assign our slots to the lease of our
+    // previous run, which the controller revokes when that lease expires; those slots are held
+    // until a map names this lease (nothing is served before `serve` below anyway).
+    let lease =
+        InstanceLease::register(&keeper, &node, &addr, &config.zone, config.lease_ttl_s).await?;
     let (map, rev) = controller::read_map(&keeper)
         .await
         .map_err(keeper_err("read slot map"))?;
     node.restore(map)?;
-    let lease =
-        InstanceLease::register(&keeper, &node, &addr, &config.zone, config.lease_ttl_s).await?;
     tracing::info!(id = %config.id, %addr, epoch = node.epoch(), "register serving");
 
     let tasks = TaskTracker::new();

@@ -136,6 +136,11 @@ fn refusal(v: &Verdict) -> Option<ItemResult> {
             *epoch,
             "register has not seen the caller's epoch yet; retry",
         )),
+        Verdict::Pending { epoch } => Some(unavailable(
+            *epoch,
+            "the slot map does not name this register's current lease yet (it restarted or \
+             re-registered); retry",
+        )),
     }
 }
 
@@ -212,8 +217,31 @@ impl Node {
             epoch = table.epoch(),
             owned,
             rebuilding,
+            held = table.held(),
             same_epoch = meta.is_some_and(|m| m.epoch == table.epoch()),
             "restored slots"
+        );
+        Ok(())
+    }
+
+    /// This register is on instance lease `lease` from now on: slots the map assigned to an
+    /// earlier lease are held (not answered) until a map names this one.
+    pub fn set_lease(&self, lease: i64) -> Result<()> {
+        let _w = self.write.write().expect("write lock");
+        let mut table = self.table.write().expect("table lock");
+        let change = table.set_lease(lease, Instant::now());
+        for slot in change.gained.iter().chain(&change.lost) {
+            self.store.drop_slot(*slot)?;
+        }
+        // At start-up the lease comes before the map is restored: the stored meta is still to
+        // be read then, not overwritten with the empty map's.
+        if table.epoch() > 0 {
+            self.save_meta(&table);
+        }
+        tracing::info!(
+            lease = format!("{lease:016x}"),
+            held = table.held(),
+            "on a new instance lease"
         );
         Ok(())
     }
@@ -640,6 +668,7 @@ impl Node {
                 .map(|s| {
                     let state = match table.state(*s) {
                         SlotState::NotOwned => "not_owned",
+                        SlotState::Held { .. } => "held",
                         SlotState::Rebuilding { .. } => "rebuilding",
                         SlotState::Ready => "ready",
                     };

@@ -17,6 +17,12 @@ use crate::store::Meta;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SlotState {
     NotOwned,
+    /// Assigned to this register's id, but on an earlier lease of it (the register restarted or
+    /// lost its lease): the data is kept, nothing is answered until a map names the current lease.
+    /// `ready` when the data was ready when it was restored (a restart at the same epoch).
+    Held {
+        ready: bool,
+    },
     /// Owned, but not every live room has re-sent its sessions yet: a lookup miss is not an answer.
     Rebuilding {
         since: Instant,
@@ -48,6 +54,11 @@ pub enum Verdict {
         since: u64,
         epoch: u64,
     },
+    /// The map assigns the slot to our id but on an earlier lease of ours: retry once the
+    /// controller names the current one.
+    Pending {
+        epoch: u64,
+    },
 }
 
 /// Slots that need their data dropped after a change of the map.
@@ -62,6 +73,8 @@ pub struct Change {
 #[derive(Debug)]
 pub struct SlotTable {
     me: String,
+    /// The instance lease we are on (`None`: no lease, ownership by id alone).
+    lease: Option<i64>,
     map: SlotMap,
     states: Vec<SlotState>,
     /// Live rooms from discovery; `None` until discovery answered (then only the timeout readies a
@@ -74,6 +87,7 @@ impl SlotTable {
     pub fn new(me: &str, rebuild_timeout: Duration) -> Self {
         Self {
             me: me.to_string(),
+            lease: None,
             map: SlotMap::empty(),
             states: vec![SlotState::NotOwned; usize::from(SLOTS)],
             live_rooms: None,
@@ -112,6 +126,9 @@ impl SlotTable {
                 owner: self.map.owner(slot).unwrap_or("").to_string(),
                 epoch: self.map.epoch,
             },
+            SlotState::Held { .. } => Verdict::Pending {
+                epoch: self.map.epoch,
+            },
             SlotState::Rebuilding { .. } => Verdict::Serve { rebuilding: true },
             SlotState::Ready => Verdict::Serve { rebuilding: false },
         }
@@ -123,7 +140,7 @@ impl SlotTable {
     /// before it (say, a digest held up in the network across a partition).
     pub fn write_verdict(&self, epoch: u64, slot: u16) -> Verdict {
         let since = self.map.since(slot);
-        let owned = self.states[usize::from(slot)] != SlotState::NotOwned;
+        let owned = self.serves(slot);
         if owned && epoch < since && epoch <= self.map.epoch {
             return Verdict::Reassigned {
                 owner: self.me.clone(),
@@ -134,57 +151,105 @@ impl SlotTable {
         self.verdict(epoch, slot)
     }
 
+    /// Whether we answer for `slot` (owned on our current lease).
+    fn serves(&self, slot: u16) -> bool {
+        matches!(
+            self.states[usize::from(slot)],
+            SlotState::Rebuilding { .. } | SlotState::Ready
+        )
+    }
+
     /// Applies a newer map. Slots kept keep their state; gained slots (also those that left and
-    /// came back while we missed maps) start rebuilding.
-    /// A map with an epoch not newer than ours is ignored (returns no change).
+    /// came back while we missed maps) start rebuilding; slots assigned to an earlier lease of ours
+    /// are held. A map with an epoch not newer than ours is ignored (returns no change).
     pub fn apply(&mut self, map: SlotMap, now: Instant) -> Change {
-        let mut change = Change::default();
         if map.epoch <= self.map.epoch || map.check().is_err() {
-            return change;
+            return Change::default();
         }
+        let previous = std::mem::replace(&mut self.map, map);
+        // Same assignment as in the map we had: no other owner in between, so the data we hold
+        // for the slot is still valid.
+        self.settle(now, |slot, map| {
+            map.assignment(slot) == previous.assignment(slot)
+        })
+    }
+
+    /// We are on instance lease `lease` from now on (granted at start-up or after a lease loss).
+    /// Slots assigned to another lease of ours are held, and not ready: requests were refused
+    /// while the lease was gone.
+    pub fn set_lease(&mut self, lease: i64, now: Instant) -> Change {
+        if self.lease == Some(lease) {
+            return Change::default();
+        }
+        self.lease = Some(lease);
+        self.settle(now, |_, _| true)
+    }
+
+    /// Moves every slot to the state `self.map` and `self.lease` call for; `kept(slot, map)` says
+    /// whether the data held for the slot is still valid.
+    fn settle(&mut self, now: Instant, kept: impl Fn(u16, &SlotMap) -> bool) -> Change {
+        let mut change = Change::default();
         for slot in 0..SLOTS {
             let i = usize::from(slot);
-            let mine = map.owner(slot) == Some(self.me.as_str());
+            let named = self.map.owner(slot) == Some(self.me.as_str());
+            let ours = self.map.assigned_to(slot, &self.me, self.lease);
             let had = self.states[i] != SlotState::NotOwned;
-            // Owned in both maps but assigned anew in between (we missed the maps that moved it
-            // away and back): what we hold for it is stale, so it counts as gained.
-            let regained = mine && had && map.since(slot) != self.map.since(slot);
-            if mine && (!had || regained) {
-                self.states[i] = SlotState::Rebuilding {
-                    since: now,
-                    synced: BTreeSet::new(),
-                };
-                change.gained.push(slot);
-            } else if !mine && had {
-                self.states[i] = SlotState::NotOwned;
-                change.lost.push(slot);
+            let valid = had && kept(slot, &self.map);
+            let state = &mut self.states[i];
+            match (ours, named) {
+                (true, _) if valid => {
+                    if let SlotState::Held { ready } = *state {
+                        *state = if ready {
+                            SlotState::Ready
+                        } else {
+                            rebuilding(now)
+                        };
+                    }
+                }
+                (true, _) => {
+                    *state = rebuilding(now);
+                    change.gained.push(slot);
+                }
+                (false, true) => {
+                    let ready = valid && *state == (SlotState::Held { ready: true });
+                    *state = SlotState::Held { ready };
+                    if had && !valid {
+                        change.lost.push(slot);
+                    }
+                }
+                (false, false) => {
+                    *state = SlotState::NotOwned;
+                    if had {
+                        change.lost.push(slot);
+                    }
+                }
             }
         }
-        self.map = map;
         self.ready_finished(now);
         change
     }
 
     /// Start-up: the map read from the keeper and what the store says its data is valid for.
-    /// At the same epoch, slots that were ready are served at once and the rest rebuild on top of
-    /// what is stored; at any other epoch every stored slot is stale. Returns slots to drop.
+    /// At the same epoch, slots that were ready are served at once (or held ready, when the map
+    /// names an earlier lease of ours) and the rest rebuild on top of what is stored; at any other
+    /// epoch every stored slot is stale. Returns slots to drop.
     pub fn restore(&mut self, map: SlotMap, meta: Option<&Meta>, now: Instant) -> Vec<u16> {
         let same = meta.is_some_and(|m| m.epoch == map.epoch) && map.check().is_ok();
         let mut drop = Vec::new();
         for slot in 0..SLOTS {
             let i = usize::from(slot);
-            let mine = map.owner(slot) == Some(self.me.as_str());
-            self.states[i] = if !mine {
+            let named = map.owner(slot) == Some(self.me.as_str());
+            let ready = same && meta.is_some_and(|m| m.ready.contains(&slot));
+            self.states[i] = if !named {
                 SlotState::NotOwned
-            } else if same && meta.is_some_and(|m| m.ready.contains(&slot)) {
+            } else if !map.assigned_to(slot, &self.me, self.lease) {
+                SlotState::Held { ready }
+            } else if ready {
                 SlotState::Ready
             } else {
-                SlotState::Rebuilding {
-                    since: now,
-                    synced: BTreeSet::new(),
-                }
+                rebuilding(now)
             };
-            if !mine || !same {
+            if !named || !same {
                 drop.push(slot);
             }
         }
@@ -197,11 +262,10 @@ impl SlotTable {
     /// rebuilds again (keeping its data; rooms' syncs and digests fill the gaps).
     pub fn rebuild_all(&mut self, now: Instant) {
         for state in &mut self.states {
-            if *state == SlotState::Ready {
-                *state = SlotState::Rebuilding {
-                    since: now,
-                    synced: BTreeSet::new(),
-                };
+            match state {
+                SlotState::Ready => *state = rebuilding(now),
+                SlotState::Held { ready } => *ready = false,
+                SlotState::NotOwned | SlotState::Rebuilding { .. } => {}
             }
         }
         self.ready_finished(now);
@@ -254,15 +318,24 @@ impl SlotTable {
     }
 
     pub fn owned(&self) -> impl Iterator<Item = u16> + '_ {
-        (0..SLOTS).filter(|s| self.states[usize::from(*s)] != SlotState::NotOwned)
+        (0..SLOTS).filter(|s| self.serves(*s))
     }
 
+    /// Slots held for an earlier lease of ours (not answered).
+    pub fn held(&self) -> usize {
+        self.states
+            .iter()
+            .filter(|s| matches!(s, SlotState::Held { .. }))
+            .count()
+    }
+
+    /// Owned slots and how many of them are rebuilding (held slots count as neither).
     pub fn counts(&self) -> (u32, u32) {
         let mut owned = 0;
         let mut rebuilding = 0;
         for s in &self.states {
             match s {
-                SlotState::NotOwned => {}
+                SlotState::NotOwned | SlotState::Held { .. } => {}
                 SlotState::Rebuilding { .. } => {
                     owned += 1;
                     rebuilding += 1;
@@ -271,6 +344,13 @@ impl SlotTable {
             }
         }
         (owned, rebuilding)
+    }
+}
+
+fn rebuilding(now: Instant) -> SlotState {
+    SlotState::Rebuilding {
+        since: now,
+        synced: BTreeSet::new(),
     }
 }
 
@@ -283,6 +363,7 @@ mod tests {
             epoch,
             slots: (0..SLOTS).map(|s| owner_of(s).to_string()).collect(),
             since: Vec::new(),
+            leases: Default::default(),
         }
     }
 
@@ -428,6 +509,94 @@ mod tests {
         let dropped = t.restore(m, Some(&stale), now);
         assert_eq!(dropped.len(), usize::from(SLOTS));
         assert_eq!(t.verdict(4, 0), Verdict::Serve { rebuilding: true });
+    }
+
+    fn leased(map: SlotMap, id: &str, lease: i64) -> SlotMap {
+        let mut leases = map.leases.clone();
+        leases.insert(id.to_string(), lease);
+        map.leased(leases)
+    }
+
+    fn owners(o: &dyn Fn(u16) -> &'static str) -> Vec<String> {
+        (0..SLOTS).map(|s| o(s).to_string()).collect()
+    }
+
+    #[test]
+    fn a_restarted_register_holds_its_old_leases_slots_until_its_new_lease_is_named() {
+        // Found by jepsen-tests (R3): r1 restarted after its lease expired, read a map that still
+        // assigned slot 0 to it, and accepted a write just after the controller (acting on the
+        // old lease's expiry) moved the slot to r2.
+        let now = Instant::now();
+        let first = leased(
+            SlotMap::fresh(4, owners(&|s| if s < 3 { "r1" } else { "r2" })),
+            "r1",
+            10,
+        );
+        let meta = Meta {
+            epoch: 4,
+            ready: vec![1, 2],
+        };
+        let mut t = SlotTable::new("r1", Duration::from_secs(5));
+        t.set_live_rooms(rooms(&["a"]), now);
+        assert_eq!(t.set_lease(11, now), Change::default());
+        let dropped = t.restore(first.clone(), Some(&meta), now);
+        assert!(!dropped.contains(&1) && dropped.contains(&3));
+        for slot in 0..3 {
+            assert_eq!(t.verdict(4, slot), Verdict::Pending { epoch: 4 });
+            assert_eq!(t.write_verdict(4, slot), Verdict::Pending { epoch: 4 });
+        }
+        assert_eq!(t.counts(), (0, 0));
+        assert_eq!(t.state(1), &SlotState::Held { ready: true });
+        // The old lease expires: slot 0 moves to r2. Nothing was answered for it meanwhile.
+        let second = first.next(owners(&|s| if s == 1 || s == 2 { "r1" } else { "r2" }));
+        let c = t.apply(second.clone(), now);
+        assert_eq!(c.lost, vec![0]);
+        assert!(matches!(t.verdict(5, 0), Verdict::WrongOwner { .. }));
+        // Our new lease is named: slots whose assignment held resume with their data (ready if it
+        // was restored ready), none is dropped.
+        let third = leased(second.next(second.slots.clone()), "r1", 11);
+        let c = t.apply(third, now);
+        assert_eq!(c, Change::default());
+        assert_eq!(t.verdict(6, 1), Verdict::Serve { rebuilding: false });
+        assert_eq!(t.verdict(6, 2), Verdict::Serve { rebuilding: false });
+        assert_eq!(t.counts(), (2, 0));
+    }
+
+    #[test]
+    fn a_new_lease_holds_owned_slots_and_a_moved_assignment_drops_their_data() {
+        let now = Instant::now();
+        let mut t = SlotTable::new("r1", Duration::from_secs(5));
+        t.set_live_rooms(rooms(&[]), now);
+        t.set_lease(10, now);
+        let first = leased(
+            SlotMap::fresh(1, owners(&|s| if s < 2 { "r1" } else { "r2" })),
+            "r1",
+            10,
+        );
+        t.apply(first.clone(), now);
+        assert_eq!(t.counts(), (2, 0));
+        // The lease is lost and a new one granted: requests were refused meanwhile, so the slots
+        // are held and no longer ready.
+        t.set_live_rooms(rooms(&["a"]), now);
+        assert_eq!(t.set_lease(12, now), Change::default());
+        assert_eq!(t.state(0), &SlotState::Held { ready: false });
+        assert_eq!(t.verdict(1, 0), Verdict::Pending { epoch: 1 });
+        assert_eq!(t.meta().ready, Vec::<u16>::new());
+        // A map naming the new lease, where slot 1 moved away and back meanwhile (a new since):
+        // slot 0 rebuilds on its data, slot 1 starts over.
+        let away = first.next(owners(&|s| if s == 0 { "r1" } else { "r2" }));
+        let back = leased(away.next(first.slots.clone()), "r1", 12);
+        let c = t.apply(back, now);
+        assert_eq!(c.gained, vec![1]);
+        assert!(c.lost.is_empty());
+        assert_eq!(t.verdict(3, 0), Verdict::Serve { rebuilding: true });
+        assert_eq!(t.verdict(3, 1), Verdict::Serve { rebuilding: true });
+        // Another process on our id takes the slots over on its lease: we hold, answering none.
+        let other = leased(t.map().next(t.map().slots.clone()), "r1", 13);
+        let c = t.apply(other, now);
+        assert!(c.gained.is_empty() && c.lost.is_empty());
+        assert_eq!(t.verdict(4, 0), Verdict::Pending { epoch: 4 });
+        assert_eq!(t.counts(), (0, 0));
     }
 
     #[test]

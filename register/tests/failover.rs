@@ -6,8 +6,9 @@
 //! `Lookup` at its new owner within lease TTL + 2 s and no lookup ever answers "offline" for one of
 //! the (always connected) sessions; afterwards every slot's digest matches; a register stopped with
 //! SIGSTOP past its TTL refuses every write after SIGCONT until it has caught up with the map; when
-//! the room leaves discovery its sessions are dropped. A second test restarts a register: at the
-//! same epoch it serves its stored sessions at once, at a newer epoch it discards them.
+//! the room leaves discovery its sessions are dropped. A second test restarts a register: it answers
+//! nothing until the map names its new lease; then, with no owner changed in between, it serves its
+//! stored sessions at once, and after a map change behind its back it discards them.
 
 use std::collections::BTreeMap;
 use std::collections::HashMap;
@@ -361,6 +362,15 @@ async fn room_loop(room: Arc<Room>, stop: CancellationToken) {
 }
 
 fn start_register(dir: &std::path::Path, id: &str, endpoints: &[String]) -> Process {
+    start_register_ttl(dir, id, endpoints, TTL_S)
+}
+
+fn start_register_ttl(
+    dir: &std::path::Path,
+    id: &str,
+    endpoints: &[String],
+    ttl_s: u64,
+) -> Process {
     let port = testkit::free_port();
     let args: Vec<String> = [
         "--id",
@@ -372,7 +382,7 @@ fn start_register(dir: &std::path::Path, id: &str, endpoints: &[String]) -> Proc
         "--keeper",
         &endpoints.join(","),
         "--lease-ttl-s",
-        &TTL_S.to_string(),
+        &ttl_s.to_string(),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -682,50 +692,107 @@ async fn stats(room: &Room, id: &str) -> Option<StatsResponse> {
     Some(c.stats(StatsRequest {}).await.ok()?.into_inner())
 }
 
+/// Waits until r1 (perhaps restarted on another port: the client is looked up again each time)
+/// answers Stats with a state that `ok` accepts.
+async fn r1_stats(
+    room: &Arc<Room>,
+    what: &str,
+    ok: impl Fn(&StatsResponse) -> bool,
+) -> anyhow::Result<StatsResponse> {
+    wait_until(what, Duration::from_secs(30), || {
+        let room = room.clone();
+        let ok = &ok;
+        async move {
+            room.clients.lock().unwrap().clear();
+            let s = stats(&room, "r1").await?;
+            ok(&s).then_some(s)
+        }
+    })
+    .await
+}
+
+/// r1's answer to a lookup of the room's first session, routed by `epoch`.
+async fn r1_lookup(room: &Room, epoch: u64) -> anyhow::Result<LookupResponse> {
+    let s = &room.sessions[0];
+    let mut c = room.client("r1").await.expect("client");
+    Ok(c.lookup(LookupRequest {
+        epoch,
+        app: s.app.clone(),
+        user: s.user.clone(),
+    })
+    .await?
+    .into_inner())
+}
+
+/// The lease TTL of the restart test: long enough that the restarted register is certainly up
+/// before its previous lease (and that lease's controller election key) expires.
+const RESTART_TTL_S: u64 = 12;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn restart_keeps_data_at_the_same_epoch_and_discards_it_at_another() -> anyhow::Result<()> {
+async fn restart_holds_slots_until_the_map_names_the_new_lease_then_keeps_or_discards_data()
+-> anyhow::Result<()> {
     const N: usize = 5_000;
     let (cluster, room, _registration, stop) = room_setup(N).await?;
     let _stop_guard = stop.clone().drop_guard();
     let endpoints = cluster.endpoints();
     let dir = tempfile::tempdir()?;
-    let mut r1 = start_register(dir.path(), "r1", &endpoints);
-    wait_until(
-        "r1 to own every slot, ready",
-        Duration::from_secs(30),
-        || {
-            let room = room.clone();
-            async move {
-                let s = stats(&room, "r1").await?;
-                (s.owned_slots == u32::from(SLOTS) && s.rebuilding_slots == 0).then_some(())
-            }
-        },
-    )
-    .await?;
-    room.attach_all().await;
-    let epoch = room.map().await.epoch;
-
-    // kill -9 and restart at once, before the lease expires: the map does not change, so the
-    // stored sessions are served as they are (the room re-sends nothing: no owner changed).
-    r1.kill9();
-    room.clients.lock().unwrap().clear();
-    let mut r1 = start_register(dir.path(), "r1", &endpoints);
-    let restarted = wait_until("r1 serving again", Duration::from_secs(20), || {
-        let room = room.clone();
-        async move {
-            room.clients.lock().unwrap().clear();
-            let s = stats(&room, "r1").await?;
-            s.serving.then_some(s)
-        }
+    let mut r1 = start_register_ttl(dir.path(), "r1", &endpoints, RESTART_TTL_S);
+    r1_stats(&room, "r1 to own every slot, ready", |s| {
+        s.owned_slots == u32::from(SLOTS) && s.rebuilding_slots == 0
     })
     .await?;
+    room.attach_all().await;
+    let before = room.map().await;
+    let old_lease = *before
+        .leases
+        .get("r1")
+        .expect("the controller names the owner's lease");
+
+    // kill -9 and restart at once. r1 led the slot controller, so nobody can name its new lease
+    // before its old election key expires: until then the map assigns every slot to the old
+    // lease, and the new r1 must answer none of them (the old lease's expiry could move them).
+    r1.kill9();
+    let mut r1 = start_register_ttl(dir.path(), "r1", &endpoints, RESTART_TTL_S);
+    let restarted = r1_stats(&room, "r1 serving again", |s| s.serving).await?;
+    let held = r1_lookup(&room, before.epoch).await?;
+    let slots = room
+        .client("r1")
+        .await
+        .expect("client")
+        .slot_status(SlotStatusRequest { slots: vec![0] })
+        .await?
+        .into_inner();
+    // Read after the answers: if the map still names the old lease now, it did when r1 answered.
     assert_eq!(
-        restarted.epoch, epoch,
-        "the map changed across a quick restart"
+        room.map().await.leases.get("r1"),
+        Some(&old_lease),
+        "r1 restarted slower than the {RESTART_TTL_S}s lease TTL; the held state cannot be checked"
     );
     assert_eq!(
-        restarted.rebuilding_slots, 0,
-        "same epoch: slots are served at once"
+        restarted.owned_slots, 0,
+        "restarted r1 owns slots of its old lease"
+    );
+    let result = held.result.expect("result");
+    assert_eq!(result.status, Status::Unavailable as i32, "{result:?}");
+    assert!(result.message.contains("current lease"), "{result:?}");
+    assert_eq!(slots.slots[0].state, "held");
+
+    // Once the old election key expires r1 leads again and names its new lease. No owner changed
+    // in between, so the stored sessions are served as they are, without a rebuild.
+    let named = r1_stats(&room, "r1 owning its slots again", |s| {
+        s.owned_slots == u32::from(SLOTS)
+    })
+    .await?;
+    let after = room.map().await;
+    assert_ne!(after.leases.get("r1"), Some(&old_lease));
+    assert_eq!(after.slots, before.slots);
+    assert_eq!(
+        after.since, before.since,
+        "a lease change moved assignments"
+    );
+    assert_eq!(
+        named.rebuilding_slots, 0,
+        "no owner changed: slots are served at once"
     );
     let mut pending: Vec<usize> = (0..N).collect();
     assert_eq!(room.lookup_pass(&mut pending).await, 0);
@@ -744,33 +811,15 @@ async fn restart_keeps_data_at_the_same_epoch_and_discards_it_at_another() -> an
     room.keeper
         .put(layout::REGISTER_SLOTS_KEY, serde_json::to_vec(&map)?)
         .await?;
-    room.clients.lock().unwrap().clear();
-    let _r1 = start_register(dir.path(), "r1", &endpoints);
-    let restarted = wait_until(
-        "r1 serving after the epoch moved",
-        Duration::from_secs(20),
-        || {
-            let room = room.clone();
-            async move {
-                room.clients.lock().unwrap().clear();
-                let s = stats(&room, "r1").await?;
-                s.serving.then_some(s)
-            }
-        },
-    )
+    let _r1 = start_register_ttl(dir.path(), "r1", &endpoints, RESTART_TTL_S);
+    let restarted = r1_stats(&room, "r1 owning its slots after the epoch moved", |s| {
+        s.owned_slots == u32::from(SLOTS)
+    })
     .await?;
-    assert_eq!(restarted.epoch, map.epoch);
+    // The stopped r1 resigned, so the new one leads at once and names its lease one epoch on.
+    assert_eq!(restarted.epoch, map.epoch + 1);
     assert_eq!(restarted.rebuilding_slots, u32::from(SLOTS));
-    let s = &room.sessions[0];
-    let mut c = room.client("r1").await.expect("client");
-    let r = c
-        .lookup(LookupRequest {
-            epoch: map.epoch,
-            app: s.app.clone(),
-            user: s.user.clone(),
-        })
-        .await?
-        .into_inner();
+    let r = r1_lookup(&room, map.epoch).await?;
     assert_eq!(
         r.result.map(|r| r.status),
         Some(Status::Unavailable as i32),

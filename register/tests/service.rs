@@ -70,6 +70,7 @@ fn half_map(epoch: u64) -> SlotMap {
             .map(|s| if s < SLOTS / 2 { "r1" } else { "r2" }.to_string())
             .collect(),
         since: Vec::new(),
+        leases: Default::default(),
     }
 }
 
