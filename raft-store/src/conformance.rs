@@ -34,7 +34,7 @@ impl StateMachine for Counter {
         self.total
     }
 
-    fn encode_frozen(total: u64) -> Vec<u8> {
+    fn encode_frozen(total: u64, _size_hint: usize) -> Vec<u8> {
         total.to_be_bytes().to_vec()
     }
 

@@ -8,6 +8,8 @@ use std::io;
 use std::sync::Arc;
 use std::sync::RwLock;
 use std::sync::RwLockReadGuard;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering;
 
 use futures::Stream;
 use futures::TryStreamExt;
@@ -53,6 +55,9 @@ pub(crate) struct Shared<M> {
 pub struct SmStore<M> {
     pub(crate) shared: Arc<Shared<M>>,
     db: Arc<DB>,
+    /// Bytes of the last snapshot built or installed: the next one is encoded into a buffer of
+    /// about that size, allocated once.
+    snapshot_bytes: Arc<AtomicUsize>,
 }
 
 impl<M> Clone for SmStore<M> {
@@ -60,6 +65,7 @@ impl<M> Clone for SmStore<M> {
         Self {
             shared: self.shared.clone(),
             db: self.db.clone(),
+            snapshot_bytes: self.snapshot_bytes.clone(),
         }
     }
 }
@@ -69,7 +75,9 @@ impl<M: StateMachine> SmStore<M> {
     pub(crate) fn open(db: Arc<DB>, mut sm: M) -> crate::Result<Self> {
         let mut last_applied = None;
         let mut membership = StoredMembership::default();
+        let mut snapshot_bytes = 0;
         if let Some(snapshot) = read_snapshot(&db).map_err(Error::storage)? {
+            snapshot_bytes = snapshot.snapshot.len();
             sm.restore(&snapshot.snapshot).map_err(Error::Codec)?;
             last_applied = snapshot.meta.last_log_id;
             membership = snapshot.meta.last_membership;
@@ -86,6 +94,7 @@ impl<M: StateMachine> SmStore<M> {
                 applied_tx,
             }),
             db,
+            snapshot_bytes: Arc::new(AtomicUsize::new(snapshot_bytes)),
         })
     }
 
@@ -116,16 +125,18 @@ fn read_snapshot(db: &DB) -> Result<Option<Snapshot>, String> {
     }))
 }
 
-/// Stores a snapshot durably (metadata and data in one batch, then a WAL fsync).
-async fn write_snapshot(db: Arc<DB>, meta: &SnapshotMeta, data: Vec<u8>) -> io::Result<()> {
+/// Stores a snapshot durably (metadata and data in one batch, then a WAL fsync) and hands the
+/// data back, so the caller keeps it without a copy.
+async fn write_snapshot(db: Arc<DB>, meta: &SnapshotMeta, data: Vec<u8>) -> io::Result<Vec<u8>> {
     let meta = encode(meta).map_err(io::Error::other)?;
     tokio::task::spawn_blocking(move || {
         let cf = db.cf_handle(CF_SNAPSHOT).expect("snapshot column family");
         let mut batch = WriteBatch::default();
         batch.put_cf(cf, KEY_SNAPSHOT_META, meta);
-        batch.put_cf(cf, KEY_SNAPSHOT_DATA, data);
+        batch.put_cf(cf, KEY_SNAPSHOT_DATA, &data);
         db.write(batch).map_err(io::Error::other)?;
-        db.flush_wal(true).map_err(io::Error::other)
+        db.flush_wal(true).map_err(io::Error::other)?;
+        Ok(data)
     })
     .await
     .map_err(io::Error::other)?
@@ -144,11 +155,20 @@ impl<M: StateMachine> RaftSnapshotBuilder<TypeConfig> for SmStore<M> {
             };
             (meta, state.sm.freeze())
         };
-        let data = tokio::task::spawn_blocking(move || M::encode_frozen(frozen))
+        let started = std::time::Instant::now();
+        let previous = self.snapshot_bytes.load(Ordering::Relaxed);
+        let hint = previous + previous / 8;
+        let data = tokio::task::spawn_blocking(move || M::encode_frozen(frozen, hint))
             .await
             .map_err(|e| io::Error::other(format!("snapshot encoding failed: {e}")))?;
-        write_snapshot(self.db.clone(), &meta, data.clone()).await?;
-        tracing::info!(last_log_id = ?meta.last_log_id, bytes = data.len(), "built snapshot");
+        self.snapshot_bytes.store(data.len(), Ordering::Relaxed);
+        let data = write_snapshot(self.db.clone(), &meta, data).await?;
+        tracing::info!(
+            last_log_id = ?meta.last_log_id,
+            bytes = data.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "built snapshot"
+        );
         Ok(Snapshot {
             meta,
             snapshot: data,
@@ -229,6 +249,7 @@ impl<M: StateMachine> RaftStateMachine<TypeConfig> for SmStore<M> {
             state.last_applied = meta.last_log_id;
             state.membership = meta.last_membership.clone();
         }
+        self.snapshot_bytes.store(snapshot.len(), Ordering::Relaxed);
         write_snapshot(self.db.clone(), meta, snapshot).await?;
         let index = meta.last_log_id.as_ref().map(|id| id.index()).unwrap_or(0);
         self.shared.applied_tx.send_replace(index);

@@ -34,12 +34,14 @@ pub trait StateMachine: Send + Sync + 'static {
     /// [`StateMachine::encode_frozen`] after applies have resumed.
     fn freeze(&self) -> Self::Frozen;
 
-    /// Serializes a frozen copy. Runs on a blocking thread while applies go on.
-    fn encode_frozen(frozen: Self::Frozen) -> Vec<u8>;
+    /// Serializes a frozen copy. Runs on a blocking thread while applies go on. `size_hint` is a
+    /// guess of the encoded size (from the previous snapshot; 0 when there is none): allocating the
+    /// buffer once spares copying a large state over and over as the buffer grows.
+    fn encode_frozen(frozen: Self::Frozen, size_hint: usize) -> Vec<u8>;
 
     /// Serializes the whole state now (what a snapshot of it contains).
     fn snapshot(&self) -> Vec<u8> {
-        Self::encode_frozen(self.freeze())
+        Self::encode_frozen(self.freeze(), 0)
     }
 
     /// Replaces the whole state with a snapshot produced by [`StateMachine::snapshot`].

@@ -279,14 +279,16 @@ impl raft_store::StateMachine for KeeperState {
         self.clone()
     }
 
-    fn encode_frozen(state: KeeperState) -> Vec<u8> {
+    fn encode_frozen(state: KeeperState, size_hint: usize) -> Vec<u8> {
         let snapshot = SnapshotRef {
             format: SNAPSHOT_FORMAT,
             state: &state,
         };
+        let mut buf = Vec::with_capacity(size_hint);
         // Plain in-memory data with known lengths: encoding into a Vec cannot fail.
-        bincode::serde::encode_to_vec(&snapshot, bincode::config::standard())
-            .expect("keeper state always encodes")
+        bincode::serde::encode_into_std_write(&snapshot, &mut buf, bincode::config::standard())
+            .expect("keeper state always encodes");
+        buf
     }
 
     fn restore(&mut self, snapshot: &[u8]) -> std::result::Result<(), String> {
@@ -878,6 +880,24 @@ mod tests {
     }
 
     #[test]
+    fn the_size_hint_changes_the_allocation_not_the_bytes() {
+        let state = busy_state();
+        let plain = bincode::serde::encode_to_vec(
+            SnapshotRef {
+                format: SNAPSHOT_FORMAT,
+                state: &state,
+            },
+            bincode::config::standard(),
+        )
+        .unwrap();
+        let small = KeeperState::encode_frozen(state.freeze(), 0);
+        let sized = KeeperState::encode_frozen(state.freeze(), plain.len() + plain.len() / 8);
+        assert_eq!(small, plain);
+        assert_eq!(sized, plain);
+        assert!(sized.capacity() >= plain.len() + plain.len() / 8);
+    }
+
+    #[test]
     fn frozen_copy_ignores_later_writes() {
         // Snapshots encode a frozen copy while applies go on: the copy must not see them.
         let mut state = busy_state();
@@ -887,7 +907,7 @@ mod tests {
         put(&mut state, "a", "changed after freeze");
         let mut restored = KeeperState::new();
         restored
-            .restore(&KeeperState::encode_frozen(frozen))
+            .restore(&KeeperState::encode_frozen(frozen, 0))
             .unwrap();
         assert_eq!(restored, expected);
         assert_ne!(restored.hash(), state.hash());
