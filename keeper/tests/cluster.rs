@@ -411,7 +411,9 @@ async fn leader_kill9_under_load_loses_no_acknowledged_write() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn full_restart_keeps_every_acknowledged_key() {
-    let mut c = cluster("").await;
+    // Snapshots (and log purges) every 100 entries: the restart must find the last snapshot on
+    // disk, since the entries before it are gone from the log.
+    let mut c = cluster("snapshot_every = 100\n").await;
     let mut client = c.client().await.unwrap();
     for i in 0..300 {
         client
@@ -420,6 +422,19 @@ async fn full_restart_keeps_every_acknowledged_key() {
             .unwrap();
     }
     drop(client);
+    wait_until("a snapshot on every node", Duration::from_secs(30), || {
+        let dir = c.dir.path().to_path_buf();
+        async move {
+            (1..=3)
+                .all(|id| {
+                    std::fs::read_to_string(dir.join(format!("keeper-{id}.log")))
+                        .is_ok_and(|log| log.contains("built snapshot"))
+                })
+                .then_some(())
+        }
+    })
+    .await
+    .unwrap();
     for id in 1..=3 {
         c.kill9(id);
     }
