@@ -108,6 +108,11 @@ struct KeeperArgs {
     /// (`cargo build --workspace --all-targets`), which compiles that flag in.
     #[arg(long)]
     broken_keeper: bool,
+    /// The keepers' `snapshot_every` for the run: small, so that snapshots, log purges and
+    /// snapshot installs (a member that rejoins behind the purged log) happen under the faults.
+    /// 0 keeps the keeper's default (100 000: no snapshot in a short run).
+    #[arg(long, default_value_t = 500)]
+    snapshot_every: u64,
     /// Invert the exit code: 0 only if some run found a linearizability violation.
     #[arg(long)]
     expect_anomaly: bool,
@@ -428,7 +433,8 @@ async fn keeper(args: KeeperArgs, cancel: CancellationToken) -> anyhow::Result<E
         .keeper_bin
         .clone()
         .unwrap_or_else(|| own_dir().join("keeper"));
-    let keeper_args = if args.broken_keeper {
+    let out = out_dir(&args.run.out, "keeper")?;
+    let mut keeper_args = if args.broken_keeper {
         // clap rejects the flag before `--version` when it was not compiled in.
         let probe = std::process::Command::new(&keeper_bin)
             .args(["--unsafe-stale-reads", "--version"])
@@ -444,6 +450,12 @@ async fn keeper(args: KeeperArgs, cancel: CancellationToken) -> anyhow::Result<E
     } else {
         Vec::new()
     };
+    if args.snapshot_every > 0 {
+        let config = out.join("keeper.toml");
+        std::fs::write(&config, format!("snapshot_every = {}\n", args.snapshot_every))
+            .with_context(|| format!("cannot write {}", config.display()))?;
+        keeper_args.extend(["--config".to_string(), config.display().to_string()]);
+    }
     let cfg = run::KeeperRunConfig {
         time: Duration::from_secs(args.time),
         clients: args.clients,
@@ -457,7 +469,7 @@ async fn keeper(args: KeeperArgs, cancel: CancellationToken) -> anyhow::Result<E
         think: Duration::from_millis(args.think_ms),
         checker_limit: Duration::from_secs(args.checker_timeout_s),
         recovery_limit: Duration::from_secs(10),
-        out: out_dir(&args.run.out, "keeper")?,
+        out,
         keep_data: args.run.keep_data,
     };
     announce("keeper", args.time, &args.nemesis, &cfg.out);
