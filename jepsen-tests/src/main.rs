@@ -452,8 +452,11 @@ async fn keeper(args: KeeperArgs, cancel: CancellationToken) -> anyhow::Result<E
     };
     if args.snapshot_every > 0 {
         let config = out.join("keeper.toml");
-        std::fs::write(&config, format!("snapshot_every = {}\n", args.snapshot_every))
-            .with_context(|| format!("cannot write {}", config.display()))?;
+        std::fs::write(
+            &config,
+            format!("snapshot_every = {}\n", args.snapshot_every),
+        )
+        .with_context(|| format!("cannot write {}", config.display()))?;
         keeper_args.extend(["--config".to_string(), config.display().to_string()]);
     }
     let cfg = run::KeeperRunConfig {
