@@ -67,7 +67,7 @@ impl InstanceLease {
             .lease_grant(self.ttl.as_secs() as i64)
             .await
             .map_err(|e| Error::Keeper(format!("lease grant: {e}")))?;
-        node.set_lease(lease)?;
+        node.set_lease(lease);
         self.keeper
             .put_leased(&self.key, self.body.clone(), lease)
             .await

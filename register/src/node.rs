@@ -36,6 +36,7 @@ use crate::error::Result;
 use crate::gate::LeaseGate;
 use crate::keys::check_id;
 use crate::store::Store;
+use crate::table::Change;
 use crate::table::SlotState;
 use crate::table::SlotTable;
 use crate::table::Verdict;
@@ -225,25 +226,18 @@ impl Node {
     }
 
     /// This register is on instance lease `lease` from now on: slots the map assigned to an
-    /// earlier lease are held (not answered) until a map names this one.
-    pub fn set_lease(&self, lease: i64) -> Result<()> {
+    /// earlier lease are held (not answered) until a map names this one. No data changes, and the
+    /// meta is saved by what follows (the restore at start-up, `rebuild_owned` after a lease loss).
+    pub fn set_lease(&self, lease: i64) {
         let _w = self.write.write().expect("write lock");
         let mut table = self.table.write().expect("table lock");
         let change = table.set_lease(lease, Instant::now());
-        for slot in change.gained.iter().chain(&change.lost) {
-            self.store.drop_slot(*slot)?;
-        }
-        // At start-up the lease comes before the map is restored: the stored meta is still to
-        // be read then, not overwritten with the empty map's.
-        if table.epoch() > 0 {
-            self.save_meta(&table);
-        }
+        debug_assert_eq!(change, Change::default(), "a new lease only holds slots");
         tracing::info!(
             lease = format!("{lease:016x}"),
             held = table.held(),
             "on a new instance lease"
         );
-        Ok(())
     }
 
     /// A newer slot map: gained slots start empty and rebuilding, lost slots are dropped.

@@ -374,9 +374,6 @@ mod tests {
         let now = Instant::now();
         let mut t = SlotTable::new("r1", Duration::from_secs(5));
         t.set_live_rooms(rooms(&["a"]), now);
-        let owners = |o: &dyn Fn(u16) -> &'static str| -> Vec<String> {
-            (0..SLOTS).map(|s| o(s).to_string()).collect()
-        };
         let first = SlotMap::fresh(1, owners(&|s| if s < 2 { "r1" } else { "r2" }));
         t.apply(first.clone(), now);
         t.synced(0, "a", now);
@@ -400,9 +397,6 @@ mod tests {
         let now = Instant::now();
         let mut t = SlotTable::new("r1", Duration::from_secs(5));
         t.set_live_rooms(rooms(&["a"]), now);
-        let owners = |o: &dyn Fn(u16) -> &'static str| -> Vec<String> {
-            (0..SLOTS).map(|s| o(s).to_string()).collect()
-        };
         let first = SlotMap::fresh(1, owners(&|s| if s < 2 { "r1" } else { "r2" }));
         let second = first.next(owners(&|s| if s == 1 { "r1" } else { "r2" }));
         let third = second.next(first.slots.clone());
