@@ -56,7 +56,8 @@ impl StoreBuilder<TypeConfig, LogStore, SmStore<Counter>, TempDir> for Builder {
         let dir = TempDir::new().expect("temp dir");
         let db = crate::db::open(dir.path()).expect("open rocksdb");
         let log = LogStore::new(db.clone());
-        let sm = SmStore::open(db, Counter::default()).expect("open state machine store");
+        let sm =
+            SmStore::open(db, dir.path(), Counter::default()).expect("open state machine store");
         Ok((dir, log, sm))
     }
 }

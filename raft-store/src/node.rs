@@ -126,7 +126,7 @@ impl<M: StateMachine> RaftNode<M> {
     pub async fn open(config: NodeConfig, sm: M) -> Result<Self> {
         let db = crate::db::open(&config.data_dir)?;
         let log_store = LogStore::new(db.clone());
-        let sm_store = SmStore::open(db, sm)?;
+        let sm_store = SmStore::open(db, &config.data_dir, sm)?;
         let raft_config = Config {
             cluster_name: "longlink".into(),
             heartbeat_interval: config.heartbeat_interval.as_millis() as u64,

@@ -1,11 +1,14 @@
 //! Adapts an application [`StateMachine`] to openraft's state-machine storage.
 //!
 //! The application state lives in memory behind a lock; durability comes from the log plus the
-//! latest snapshot, which is kept in RocksDB (column family `snapshot`, written around the WAL and
-//! flushed at once). On open, the snapshot is restored and openraft replays the log entries after
-//! it.
+//! latest snapshot, which is kept in a file of its own next to the RocksDB directory
+//! (`<data_dir>/raft-snapshot`, see [`write_snapshot`]). On open, the snapshot is restored and
+//! openraft replays the log entries after it.
 
 use std::io;
+use std::io::Write;
+use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::RwLock;
 use std::sync::RwLockReadGuard;
@@ -21,8 +24,6 @@ use openraft::entry::RaftEntry;
 use openraft::storage::EntryResponder;
 use openraft::storage::RaftStateMachine;
 use rocksdb::DB;
-use rocksdb::WriteBatch;
-use rocksdb::WriteOptions;
 use tokio::sync::watch;
 
 use crate::StateMachine;
@@ -36,8 +37,16 @@ use crate::types::TypeConfig;
 use crate::types::decode;
 use crate::types::encode;
 
+/// Where snapshots were kept before they moved to a file; still read when there is no file.
 const KEY_SNAPSHOT_META: &[u8] = b"meta";
 const KEY_SNAPSHOT_DATA: &[u8] = b"data";
+
+/// The snapshot file, in the node's data directory.
+const SNAPSHOT_FILE: &str = "raft-snapshot";
+/// The first bytes of a snapshot file (format 1).
+const SNAPSHOT_MAGIC: &[u8; 8] = b"LLSNAP01";
+/// Magic, then meta length, data length and the XXH3 of meta followed by data (little endian).
+const SNAPSHOT_HEADER: usize = 8 + 3 * 8;
 
 /// The application state plus what openraft needs to know about it.
 pub(crate) struct Applied<M> {
@@ -57,6 +66,8 @@ pub(crate) struct Shared<M> {
 pub struct SmStore<M> {
     pub(crate) shared: Arc<Shared<M>>,
     db: Arc<DB>,
+    /// The snapshot file.
+    path: Arc<PathBuf>,
     /// Bytes of the last snapshot built or installed: the next one is encoded into a buffer of
     /// about that size, allocated once.
     snapshot_bytes: Arc<AtomicUsize>,
@@ -67,18 +78,20 @@ impl<M> Clone for SmStore<M> {
         Self {
             shared: self.shared.clone(),
             db: self.db.clone(),
+            path: self.path.clone(),
             snapshot_bytes: self.snapshot_bytes.clone(),
         }
     }
 }
 
 impl<M: StateMachine> SmStore<M> {
-    /// Loads the latest snapshot (if any) into `sm`.
-    pub(crate) fn open(db: Arc<DB>, mut sm: M) -> crate::Result<Self> {
+    /// Loads the latest snapshot (if any) of the node whose data directory is `dir` into `sm`.
+    pub(crate) fn open(db: Arc<DB>, dir: &Path, mut sm: M) -> crate::Result<Self> {
+        let path = dir.join(SNAPSHOT_FILE);
         let mut last_applied = None;
         let mut membership = StoredMembership::default();
         let mut snapshot_bytes = 0;
-        if let Some(snapshot) = read_snapshot(&db).map_err(Error::storage)? {
+        if let Some(snapshot) = read_snapshot(&db, &path).map_err(Error::storage)? {
             snapshot_bytes = snapshot.snapshot.len();
             sm.restore(&snapshot.snapshot).map_err(Error::Codec)?;
             last_applied = snapshot.meta.last_log_id;
@@ -96,6 +109,7 @@ impl<M: StateMachine> SmStore<M> {
                 applied_tx,
             }),
             db,
+            path: Arc::new(path),
             snapshot_bytes: Arc::new(AtomicUsize::new(snapshot_bytes)),
         })
     }
@@ -108,7 +122,13 @@ impl<M: StateMachine> SmStore<M> {
     }
 }
 
-fn read_snapshot(db: &DB) -> Result<Option<Snapshot>, String> {
+/// The latest stored snapshot: the file, or else one kept in RocksDB by an older version.
+fn read_snapshot(db: &DB, path: &Path) -> Result<Option<Snapshot>, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => return parse_snapshot(&bytes, path).map(Some),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("reading {}: {e}", path.display())),
+    }
     let cf = db.cf_handle(CF_SNAPSHOT).expect("snapshot column family");
     let Some(meta) = db
         .get_cf(cf, KEY_SNAPSHOT_META)
@@ -127,23 +147,71 @@ fn read_snapshot(db: &DB) -> Result<Option<Snapshot>, String> {
     }))
 }
 
+fn parse_snapshot(bytes: &[u8], path: &Path) -> Result<Snapshot, String> {
+    let bad = |what: &str| format!("snapshot file {}: {what}", path.display());
+    if bytes.len() < SNAPSHOT_HEADER || &bytes[..8] != SNAPSHOT_MAGIC {
+        return Err(bad("not a snapshot (no LLSNAP01 header)"));
+    }
+    let word =
+        |i: usize| u64::from_le_bytes(bytes[8 + 8 * i..16 + 8 * i].try_into().expect("8 bytes"));
+    let (meta_len, data_len, checksum) = (word(0), word(1), word(2));
+    let body = &bytes[SNAPSHOT_HEADER..];
+    if meta_len.checked_add(data_len) != Some(body.len() as u64) {
+        return Err(bad(&format!(
+            "header says {meta_len} + {data_len} bytes, file holds {}",
+            body.len()
+        )));
+    }
+    if xxhash_rust::xxh3::xxh3_64(body) != checksum {
+        return Err(bad("checksum mismatch"));
+    }
+    let (meta, data) = body.split_at(meta_len as usize);
+    Ok(Snapshot {
+        meta: decode(meta)?,
+        snapshot: data.to_vec(),
+    })
+}
+
 /// Stores a snapshot durably and hands the data back, so the caller keeps it without a copy.
 ///
-/// Metadata and data go in one batch that bypasses the WAL, and the snapshot column family is then
-/// flushed to an SST file (the flush waits and syncs; one memtable, so both keys land together or
-/// not at all). Through the WAL, tens of megabytes would sit in front of the log appends'
-/// group-commit fsync, which covers everything written before it.
-async fn write_snapshot(db: Arc<DB>, meta: &SnapshotMeta, data: Vec<u8>) -> io::Result<Vec<u8>> {
+/// The snapshot goes to a temporary file that is synced and then renamed over the previous one
+/// (and the directory synced), so a crash leaves the old snapshot or the new one, whole. Kept in
+/// RocksDB, as before, tens of megabytes were copied into a memtable, compressed into an SST and
+/// written again on every snapshot; a file is written once. Meta and data share the file, so they
+/// always match.
+async fn write_snapshot(
+    db: Arc<DB>,
+    path: Arc<PathBuf>,
+    meta: &SnapshotMeta,
+    data: Vec<u8>,
+) -> io::Result<Vec<u8>> {
     let meta = encode(meta).map_err(io::Error::other)?;
     tokio::task::spawn_blocking(move || {
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        hasher.update(&meta);
+        hasher.update(&data);
+        let mut header = Vec::with_capacity(SNAPSHOT_HEADER);
+        header.extend_from_slice(SNAPSHOT_MAGIC);
+        header.extend_from_slice(&(meta.len() as u64).to_le_bytes());
+        header.extend_from_slice(&(data.len() as u64).to_le_bytes());
+        header.extend_from_slice(&hasher.digest().to_le_bytes());
+        let tmp = path.with_extension("tmp");
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(&header)?;
+        file.write_all(&meta)?;
+        file.write_all(&data)?;
+        file.sync_all()?;
+        drop(file);
+        std::fs::rename(&tmp, path.as_path())?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        // A snapshot an older version kept in RocksDB is superseded now.
         let cf = db.cf_handle(CF_SNAPSHOT).expect("snapshot column family");
-        let mut batch = WriteBatch::default();
-        batch.put_cf(cf, KEY_SNAPSHOT_META, meta);
-        batch.put_cf(cf, KEY_SNAPSHOT_DATA, &data);
-        let mut no_wal = WriteOptions::default();
-        no_wal.disable_wal(true);
-        db.write_opt(batch, &no_wal).map_err(io::Error::other)?;
-        db.flush_cf(cf).map_err(io::Error::other)?;
+        db.delete_cf(cf, KEY_SNAPSHOT_META)
+            .map_err(io::Error::other)?;
+        db.delete_cf(cf, KEY_SNAPSHOT_DATA)
+            .map_err(io::Error::other)?;
         Ok(data)
     })
     .await
@@ -170,10 +238,12 @@ impl<M: StateMachine> RaftSnapshotBuilder<TypeConfig> for SmStore<M> {
             .await
             .map_err(|e| io::Error::other(format!("snapshot encoding failed: {e}")))?;
         self.snapshot_bytes.store(data.len(), Ordering::Relaxed);
-        let data = write_snapshot(self.db.clone(), &meta, data).await?;
+        let encoded_ms = started.elapsed().as_millis() as u64;
+        let data = write_snapshot(self.db.clone(), self.path.clone(), &meta, data).await?;
         tracing::info!(
             last_log_id = ?meta.last_log_id,
             bytes = data.len(),
+            encoded_ms,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "built snapshot"
         );
@@ -258,7 +328,7 @@ impl<M: StateMachine> RaftStateMachine<TypeConfig> for SmStore<M> {
             state.membership = meta.last_membership.clone();
         }
         self.snapshot_bytes.store(snapshot.len(), Ordering::Relaxed);
-        write_snapshot(self.db.clone(), meta, snapshot).await?;
+        write_snapshot(self.db.clone(), self.path.clone(), meta, snapshot).await?;
         let index = meta.last_log_id.as_ref().map(|id| id.index()).unwrap_or(0);
         self.shared.applied_tx.send_replace(index);
         tracing::info!(last_log_id = ?meta.last_log_id, "installed snapshot");
@@ -266,10 +336,77 @@ impl<M: StateMachine> RaftStateMachine<TypeConfig> for SmStore<M> {
     }
 
     async fn get_current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || read_snapshot(&db))
+        let (db, path) = (self.db.clone(), self.path.clone());
+        tokio::task::spawn_blocking(move || read_snapshot(&db, &path))
             .await
             .map_err(io::Error::other)?
             .map_err(io::Error::other)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::testing::log_id;
+
+    use super::*;
+    use crate::types::TypeConfig;
+
+    fn meta(index: u64) -> SnapshotMeta {
+        SnapshotMeta {
+            last_log_id: Some(log_id::<TypeConfig>(2, 1, index)),
+            last_membership: StoredMembership::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn snapshot_file_round_trips_and_rejects_damage() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let db = crate::db::open(dir.path()).unwrap();
+        let path = Arc::new(dir.path().join(SNAPSHOT_FILE));
+        assert!(read_snapshot(&db, &path).unwrap().is_none());
+
+        let data: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        write_snapshot(db.clone(), path.clone(), &meta(7), data.clone())
+            .await
+            .unwrap();
+        let back = read_snapshot(&db, &path).unwrap().expect("stored");
+        assert_eq!(back.meta, meta(7));
+        assert_eq!(back.snapshot, data);
+        assert!(!path.with_extension("tmp").exists());
+
+        let good = std::fs::read(path.as_path()).unwrap();
+        let mut flipped = good.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        std::fs::write(path.as_path(), &flipped).unwrap();
+        let err = read_snapshot(&db, &path).unwrap_err();
+        assert!(err.contains("checksum mismatch"), "{err}");
+        std::fs::write(path.as_path(), &good[..good.len() - 10]).unwrap();
+        let err = read_snapshot(&db, &path).unwrap_err();
+        assert!(err.contains("file holds"), "{err}");
+        std::fs::write(path.as_path(), b"garbage").unwrap();
+        let err = read_snapshot(&db, &path).unwrap_err();
+        assert!(err.contains("not a snapshot"), "{err}");
+    }
+
+    /// A data directory written before snapshots moved to a file still opens with its snapshot,
+    /// and the first new snapshot replaces it for good.
+    #[tokio::test]
+    async fn snapshot_kept_in_rocksdb_by_an_older_version_is_read_then_superseded() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let db = crate::db::open(dir.path()).unwrap();
+        let path = Arc::new(dir.path().join(SNAPSHOT_FILE));
+        let cf = db.cf_handle(CF_SNAPSHOT).unwrap();
+        db.put_cf(cf, KEY_SNAPSHOT_META, encode(&meta(3)).unwrap())
+            .unwrap();
+        db.put_cf(cf, KEY_SNAPSHOT_DATA, b"old state").unwrap();
+        let old = read_snapshot(&db, &path).unwrap().expect("legacy snapshot");
+        assert_eq!((old.meta, old.snapshot), (meta(3), b"old state".to_vec()));
+
+        write_snapshot(db.clone(), path.clone(), &meta(9), b"new state".to_vec())
+            .await
+            .unwrap();
+        assert!(db.get_cf(cf, KEY_SNAPSHOT_DATA).unwrap().is_none());
+        std::fs::remove_file(path.as_path()).unwrap();
+        assert!(read_snapshot(&db, &path).unwrap().is_none());
     }
 }
