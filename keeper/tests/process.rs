@@ -29,6 +29,39 @@ async fn sigterm_shuts_down_cleanly_and_restart_keeps_data() {
     assert_eq!(client.get("kept", None).await.unwrap().kvs().len(), 1);
 }
 
+/// A storage failure stops Raft for good. The node must then exit, loudly, instead of keeping
+/// its port open and failing every request (a half-alive node).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_storage_failure_ends_the_process_with_the_reason() {
+    let mut c = KeeperCluster::start(Path::new(BIN), 1, "snapshot_every = 20")
+        .await
+        .unwrap();
+    // The first snapshot cannot create its temporary file where a directory stands.
+    let blocker = c.dir.path().join("node-1").join("raft-snapshot.tmp");
+    std::fs::create_dir_all(&blocker).unwrap();
+    let mut client = c.client().await.unwrap();
+    for i in 0..40 {
+        if client.put(format!("k{i}"), "v", None).await.is_err() {
+            break;
+        }
+    }
+    let process = c.nodes[0].process.as_mut().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while process.is_running() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "keeper still running 30 s after its snapshot failed:\n{}",
+            process.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = process.log_tail(usize::MAX);
+    assert!(
+        log.contains("raft stopped on a fatal error") && log.contains("raft-snapshot"),
+        "no reason in the log:\n{log}"
+    );
+}
+
 #[test]
 fn taken_port_and_bad_flags_fail_with_a_reason() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

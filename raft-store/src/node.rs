@@ -158,7 +158,11 @@ impl<M: StateMachine> RaftNode<M> {
         let mut metrics = raft.metrics();
         tokio::spawn(async move {
             loop {
-                let status = status_from_metrics(&metrics.borrow_and_update());
+                let status = {
+                    let m = metrics.borrow_and_update();
+                    stop_if_failed(&m.running_state);
+                    status_from_metrics(&m)
+                };
                 status_tx.send_if_modified(|old| {
                     let changed = *old != status;
                     *old = status;
@@ -518,6 +522,22 @@ fn write_error(e: OpenraftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Fo
             ForwardError::NotLeader(f.leader_id)
         }
         other => ForwardError::Failed(other.to_string()),
+    }
+}
+
+/// Raft stops for good when its storage fails (a log append, a vote or a snapshot that cannot
+/// be written). A node in that state would keep its client port open and fail every request
+/// while the rest of the group waits for it; better to die loudly so it gets restarted (or
+/// replaced) from what is on disk. The panic aborts the process in the binaries, which install
+/// the telemetry crate's abort-on-panic hook; a shutdown asked for (`Fatal::Stopped`) is not
+/// a failure.
+fn stop_if_failed(running: &Result<(), openraft::errors::Fatal<TypeConfig>>) {
+    match running {
+        Ok(()) | Err(openraft::errors::Fatal::Stopped) => {}
+        Err(fatal) => {
+            tracing::error!(error = %fatal, "raft stopped on a fatal error; exiting");
+            panic!("raft stopped on a fatal error: {fatal}");
+        }
     }
 }
 

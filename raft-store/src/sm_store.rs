@@ -196,15 +196,24 @@ async fn write_snapshot(
         header.extend_from_slice(&(data.len() as u64).to_le_bytes());
         header.extend_from_slice(&hasher.digest().to_le_bytes());
         let tmp = path.with_extension("tmp");
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(&header)?;
-        file.write_all(&meta)?;
-        file.write_all(&data)?;
-        file.sync_all()?;
+        let failed = |what: &str, e: io::Error| {
+            io::Error::new(
+                e.kind(),
+                format!("{what} snapshot file {}: {e}", tmp.display()),
+            )
+        };
+        let mut file = std::fs::File::create(&tmp).map_err(|e| failed("creating", e))?;
+        file.write_all(&header)
+            .and_then(|()| file.write_all(&meta))
+            .and_then(|()| file.write_all(&data))
+            .and_then(|()| file.sync_all())
+            .map_err(|e| failed("writing", e))?;
         drop(file);
-        std::fs::rename(&tmp, path.as_path())?;
+        std::fs::rename(&tmp, path.as_path()).map_err(|e| failed("renaming", e))?;
         if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| failed("syncing the directory of", e))?;
         }
         // A snapshot an older version kept in RocksDB is superseded now.
         let cf = db.cf_handle(CF_SNAPSHOT).expect("snapshot column family");
