@@ -65,8 +65,6 @@ pub struct LogStore {
     /// Appends waiting for the group-commit fsync; shared by all clones.
     flusher: Arc<Flusher>,
     recent: Arc<Mutex<RecentEntries>>,
-    /// The committed id openraft last reported, and whether it still has to be written.
-    committed: Arc<Mutex<(Option<LogId>, bool)>>,
 }
 
 /// The newest entries of the log, contiguous by index, as appended (the log's tail in memory).
@@ -153,27 +151,43 @@ fn command_bytes(entry: &Entry) -> usize {
 /// The group-commit thread. Dropping the last handle closes the queue and joins the thread, so
 /// its reference to the database is gone before the store is: a thread still inside RocksDB while
 /// the process exits makes RocksDB abort ("pthread lock: Invalid argument").
+///
+/// It also keeps the committed id openraft last reported while it is not yet written (`Some`),
+/// which the next append or the close writes.
 struct Flusher {
     tx: Option<mpsc::Sender<IoFlushed>>,
     thread: Option<std::thread::JoinHandle<()>>,
-    /// Written on close if the last noted committed id is not yet stored.
     db: Arc<DB>,
-    committed: Arc<Mutex<(Option<LogId>, bool)>>,
+    unwritten_committed: Mutex<Option<Option<LogId>>>,
+}
+
+impl Flusher {
+    /// Adds the unwritten committed id, if there is one, to `batch`.
+    fn write_committed_into(&self, batch: &mut WriteBatch) -> io::Result<()> {
+        let mut unwritten = self
+            .unwritten_committed
+            .lock()
+            .expect("committed lock poisoned");
+        if let Some(committed) = *unwritten {
+            let cf = self.db.cf_handle(CF_META).expect("meta column family");
+            batch.put_cf(cf, KEY_COMMITTED, encode(&committed).map_err(invalid_data)?);
+            *unwritten = None;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Flusher {
     fn drop(&mut self) {
-        let committed = *self.committed.lock().expect("committed lock poisoned");
-        if committed.1 {
-            let cf = self.db.cf_handle(CF_META).expect("meta column family");
-            match encode(&committed.0) {
-                Ok(bytes) => {
-                    if let Err(e) = self.db.put_cf(cf, KEY_COMMITTED, bytes) {
-                        tracing::warn!(error = %e, "could not store the committed log id on close");
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "could not encode the committed log id"),
-            }
+        let mut batch = WriteBatch::default();
+        let written = self
+            .write_committed_into(&mut batch)
+            .and_then(|()| match batch.is_empty() {
+                true => Ok(()),
+                false => self.db.write(batch).map_err(io::Error::other),
+            });
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "could not store the committed log id on close");
         }
         drop(self.tx.take());
         if let Some(thread) = self.thread.take() {
@@ -190,38 +204,21 @@ impl LogStore {
             .name("raft-wal-flush".into())
             .spawn(move || group_commit(flusher_db, flush_rx))
             .expect("spawn WAL flusher thread");
-        let committed: Arc<Mutex<(Option<LogId>, bool)>> = Arc::default();
         let flusher = Arc::new(Flusher {
             tx: Some(flush_tx),
             thread: Some(thread),
             db: db.clone(),
-            committed: committed.clone(),
+            unwritten_committed: Mutex::new(None),
         });
         Self {
             db,
             flusher,
             recent: Arc::default(),
-            committed,
         }
     }
 
     fn recent(&self) -> std::sync::MutexGuard<'_, RecentEntries> {
         self.recent.lock().expect("recent entries lock poisoned")
-    }
-
-    /// Adds the committed id to `batch` if it changed since it was last written.
-    fn take_committed(&self, batch: &mut WriteBatch) -> io::Result<()> {
-        let mut committed = self.committed.lock().expect("committed lock poisoned");
-        if committed.1 {
-            let cf = self.db.cf_handle(CF_META).expect("meta column family");
-            batch.put_cf(
-                cf,
-                KEY_COMMITTED,
-                encode(&committed.0).map_err(invalid_data)?,
-            );
-            committed.1 = false;
-        }
-        Ok(())
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> io::Result<Option<T>> {
@@ -335,14 +332,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> io::Result<()> {
-        *self.committed.lock().expect("committed lock poisoned") = (committed, true);
+        *self
+            .flusher
+            .unwritten_committed
+            .lock()
+            .expect("committed lock poisoned") = Some(committed);
         Ok(())
     }
 
     async fn read_committed(&mut self) -> io::Result<Option<LogId>> {
-        let noted = *self.committed.lock().expect("committed lock poisoned");
-        if noted.1 {
-            return Ok(noted.0);
+        let unwritten = *self
+            .flusher
+            .unwritten_committed
+            .lock()
+            .expect("committed lock poisoned");
+        if let Some(committed) = unwritten {
+            return Ok(committed);
         }
         Ok(self.get_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())
     }
@@ -360,7 +365,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.put_cf(cf, index_key(entry.index()), bytes);
             appended.push(entry);
         }
-        self.take_committed(&mut batch)?;
+        self.flusher.write_committed_into(&mut batch)?;
         // Written before returning so the entries are readable at once; durable only after the
         // flusher's fsync, which is when openraft learns about it through `callback`.
         self.db.write(batch).map_err(io::Error::other)?;
