@@ -125,7 +125,7 @@ impl<M: StateMachine> SmStore<M> {
 /// The latest stored snapshot: the file, or else one kept in RocksDB by an older version.
 fn read_snapshot(db: &DB, path: &Path) -> Result<Option<Snapshot>, String> {
     match std::fs::read(path) {
-        Ok(bytes) => return parse_snapshot(&bytes, path).map(Some),
+        Ok(bytes) => return parse_snapshot(bytes, path).map(Some),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(format!("reading {}: {e}", path.display())),
     }
@@ -147,7 +147,9 @@ fn read_snapshot(db: &DB, path: &Path) -> Result<Option<Snapshot>, String> {
     }))
 }
 
-fn parse_snapshot(bytes: &[u8], path: &Path) -> Result<Snapshot, String> {
+/// Checks and splits a snapshot file's bytes; the data stays in the same buffer (a snapshot is
+/// tens of megabytes, read at start-up and whenever a peer needs it).
+fn parse_snapshot(mut bytes: Vec<u8>, path: &Path) -> Result<Snapshot, String> {
     let bad = |what: &str| format!("snapshot file {}: {what}", path.display());
     if bytes.len() < SNAPSHOT_HEADER || &bytes[..8] != SNAPSHOT_MAGIC {
         return Err(bad("not a snapshot (no LLSNAP01 header)"));
@@ -165,10 +167,11 @@ fn parse_snapshot(bytes: &[u8], path: &Path) -> Result<Snapshot, String> {
     if xxhash_rust::xxh3::xxh3_64(body) != checksum {
         return Err(bad("checksum mismatch"));
     }
-    let (meta, data) = body.split_at(meta_len as usize);
+    let meta = decode(&body[..meta_len as usize])?;
+    bytes.drain(..SNAPSHOT_HEADER + meta_len as usize);
     Ok(Snapshot {
-        meta: decode(meta)?,
-        snapshot: data.to_vec(),
+        meta,
+        snapshot: bytes,
     })
 }
 
