@@ -306,6 +306,19 @@ impl<M: StateMachine> RaftNode<M> {
             .map_err(|e| Error::Raft(e.to_string()))
     }
 
+    /// openraft's runtime statistics as a multi-line table (batch sizes of appends, replication
+    /// and applies; latency of each stage a log entry passes), when built with the
+    /// `runtime-stats` feature; `None` otherwise or once Raft has stopped.
+    pub async fn runtime_stats(&self) -> Option<String> {
+        #[cfg(feature = "runtime-stats")]
+        {
+            let stats = self.inner.raft.runtime_stats().await.ok()?;
+            Some(stats.display().multiline().to_string())
+        }
+        #[cfg(not(feature = "runtime-stats"))]
+        None
+    }
+
     /// Stops Raft. Storage is closed when the last clone is dropped.
     pub async fn shutdown(&self) -> Result<()> {
         self.inner
@@ -564,5 +577,41 @@ fn status_from_metrics(m: &openraft::RaftMetrics<TypeConfig>) -> NodeStatus {
         snapshot_index: index(&m.snapshot),
         voters,
         learners,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance::Counter;
+
+    /// A one-node group (no peers to reach) that has committed `writes` commands.
+    async fn node_with_writes(dir: &std::path::Path, writes: u64) -> RaftNode<Counter> {
+        let node = RaftNode::open(NodeConfig::new(1, dir), Counter::default())
+            .await
+            .unwrap();
+        node.initialize(&BTreeMap::from([(1, "127.0.0.1:1".to_string())]))
+            .await
+            .unwrap();
+        for n in 1..=writes {
+            assert_eq!(node.write(n).await.unwrap(), n * (n + 1) / 2);
+        }
+        node
+    }
+
+    #[tokio::test]
+    async fn runtime_stats_follow_the_feature() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let node = node_with_writes(dir.path(), 5).await;
+        let stats = node.runtime_stats().await;
+        if cfg!(feature = "runtime-stats") {
+            let stats = stats.expect("stats with the feature on");
+            // Five client writes went through the append and apply stages.
+            assert!(stats.contains("apply_batch"), "{stats}");
+            assert!(stats.contains("ClientWrite: 5"), "{stats}");
+        } else {
+            assert_eq!(stats, None);
+        }
+        node.shutdown().await.unwrap();
     }
 }

@@ -152,6 +152,9 @@ pub async fn serve(
     shutdown.cancel();
     tasks.close();
     tasks.wait().await;
+    if let Some(stats) = node.runtime_stats().await {
+        tracing::info!("raft runtime stats since start:\n{stats}");
+    }
     let stopped = node.shutdown().await;
     tracing::info!("keeper stopped");
     served.map_err(|e| KeeperError::Internal(format!("gRPC server failed: {e}")))?;
