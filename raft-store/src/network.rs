@@ -50,6 +50,52 @@ use crate::types::encode;
 pub(crate) const MAX_PEER_MESSAGE: usize = 256 * 1024 * 1024;
 const SNAPSHOT_CHUNK: usize = 1024 * 1024;
 
+/// Append requests sent to one follower and not yet answered. openraft builds each request when
+/// the stream is polled, from everything new since the last one (entries and the commit index),
+/// and the follower's answers are cumulative. Polled without a limit, the stream sends a request
+/// for every leader append and every commit advance: at 64 writers that was ~2 entries per
+/// request, two thirds of them only a new commit index. Holding the next request until at most
+/// this many are unanswered lets it carry everything that arrived meanwhile: at 64 writers 1.9x
+/// fewer requests, 2.4x fewer follower log appends, 3-6% less keeper CPU per put and the same
+/// latency (docs/benchmarks.md; a window of 1 sends 3.5x fewer, with the same throughput).
+const APPENDS_IN_FLIGHT: usize = 2;
+
+/// Limits the unanswered requests of one append stream to `limit`: the next request is taken
+/// from openraft only once an answer frees a slot.
+struct AppendWindow {
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl AppendWindow {
+    fn new(limit: usize) -> Self {
+        Self {
+            slots: Arc::new(tokio::sync::Semaphore::new(limit)),
+        }
+    }
+
+    /// `input`, pulled only while a slot is free; each item it yields takes a slot.
+    fn gate<S>(&self, input: S) -> impl Stream<Item = S::Item> + Send + Unpin + 'static
+    where
+        S: Stream + Send + Unpin + 'static,
+    {
+        let slots = self.slots.clone();
+        Box::pin(futures::stream::unfold(
+            (input, slots),
+            |(mut input, slots)| async move {
+                // Closed only when the window is dropped, which ends the stream anyway.
+                slots.acquire().await.ok()?.forget();
+                let item = input.next().await?;
+                Some((item, (input, slots)))
+            },
+        ))
+    }
+
+    /// One request was answered: its slot is free again.
+    fn answered(&self) {
+        self.slots.add_permits(1);
+    }
+}
+
 /// Peer channels, shared by Raft replication and by application forwarding.
 #[derive(Clone, Default)]
 pub struct Peers {
@@ -166,6 +212,8 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
     {
         let target = self.target;
         let mut client = self.client.clone();
+        let window = AppendWindow::new(APPENDS_IN_FLIGHT);
+        let input = window.gate(input);
         Box::pin(async move {
             // A request that fails to encode ends the stream; openraft then restarts replication.
             let outbound = input
@@ -178,6 +226,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
                 .map_err(|s| status_to_rpc(target, s))?
                 .into_inner();
             let results = replies.map(move |item| {
+                window.answered();
                 let msg = item.map_err(|s| status_to_rpc(target, s))?;
                 decode::<StreamAppendResult>(&msg.data).map_err(codec_error)
             });
@@ -263,4 +312,30 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
 
 fn codec_error_net(e: String) -> NetworkError<TypeConfig> {
     NetworkError::new(&AnyError::error(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::FutureExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_append_window_holds_requests_until_answers_free_slots() {
+        let window = AppendWindow::new(2);
+        let mut requests = window.gate(futures::stream::iter(1..=5));
+        assert_eq!(requests.next().await, Some(1));
+        assert_eq!(requests.next().await, Some(2));
+        // Two unanswered: the third is not even taken from the source yet.
+        assert_eq!(requests.next().now_or_never(), None);
+        window.answered();
+        assert_eq!(requests.next().await, Some(3));
+        assert_eq!(requests.next().now_or_never(), None);
+        window.answered();
+        window.answered();
+        assert_eq!(requests.next().await, Some(4));
+        assert_eq!(requests.next().await, Some(5));
+        window.answered();
+        assert_eq!(requests.next().await, None);
+    }
 }
