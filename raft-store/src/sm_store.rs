@@ -296,7 +296,11 @@ impl<M: StateMachine> RaftStateMachine<TypeConfig> for SmStore<M> {
                     EntryPayload::Normal(command) => {
                         let outcome: Result<M::Response, String> =
                             decode::<M::Command>(&command.0).map(|cmd| state.sm.apply(index, cmd));
-                        encode(&outcome).map_err(io::Error::other)?
+                        // Only the node that proposed the entry has someone to answer.
+                        match responder {
+                            Some(_) => encode(&outcome).map_err(io::Error::other)?,
+                            None => Vec::new(),
+                        }
                     }
                     EntryPayload::Membership(membership) => {
                         state.membership = StoredMembership::new(Some(log_id), membership);
