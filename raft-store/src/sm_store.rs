@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::RwLock;
 use std::sync::RwLockReadGuard;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering;
 
@@ -68,6 +69,9 @@ pub struct SmStore<M> {
     db: Arc<DB>,
     /// The snapshot file.
     path: Arc<PathBuf>,
+    /// A snapshot an older version kept in RocksDB is still there: the next snapshot written
+    /// deletes it (once, not on every snapshot).
+    legacy: Arc<AtomicBool>,
     /// Bytes of the last snapshot built or installed: the next one is encoded into a buffer of
     /// about that size, allocated once.
     snapshot_bytes: Arc<AtomicUsize>,
@@ -79,6 +83,7 @@ impl<M> Clone for SmStore<M> {
             shared: self.shared.clone(),
             db: self.db.clone(),
             path: self.path.clone(),
+            legacy: self.legacy.clone(),
             snapshot_bytes: self.snapshot_bytes.clone(),
         }
     }
@@ -97,6 +102,7 @@ impl<M: StateMachine> SmStore<M> {
             last_applied = snapshot.meta.last_log_id;
             membership = snapshot.meta.last_membership;
         }
+        let legacy = has_legacy_snapshot(&db).map_err(Error::storage)?;
         let applied_index = last_applied.as_ref().map(|id| id.index()).unwrap_or(0);
         let (applied_tx, _) = watch::channel(applied_index);
         Ok(Self {
@@ -110,6 +116,7 @@ impl<M: StateMachine> SmStore<M> {
             }),
             db,
             path: Arc::new(path),
+            legacy: Arc::new(AtomicBool::new(legacy)),
             snapshot_bytes: Arc::new(AtomicUsize::new(snapshot_bytes)),
         })
     }
@@ -145,6 +152,22 @@ fn read_snapshot(db: &DB, path: &Path) -> Result<Option<Snapshot>, String> {
         meta,
         snapshot: data,
     }))
+}
+
+/// Whether either key of an older version's snapshot is still in RocksDB (a crash between the
+/// two deletes can leave one).
+fn has_legacy_snapshot(db: &DB) -> Result<bool, String> {
+    let cf = db.cf_handle(CF_SNAPSHOT).expect("snapshot column family");
+    for key in [KEY_SNAPSHOT_META, KEY_SNAPSHOT_DATA] {
+        if db
+            .get_pinned_cf(cf, key)
+            .map_err(|e| e.to_string())?
+            .is_some()
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Checks and splits a snapshot file's bytes; the data stays in the same buffer (a snapshot is
@@ -251,6 +274,7 @@ fn write_paced(file: &mut std::fs::File, start: u64, data: &[u8]) -> io::Result<
 async fn write_snapshot(
     db: Arc<DB>,
     path: Arc<PathBuf>,
+    legacy: Arc<AtomicBool>,
     meta: &SnapshotMeta,
     data: Vec<u8>,
 ) -> io::Result<Vec<u8>> {
@@ -285,11 +309,14 @@ async fn write_snapshot(
                 .map_err(|e| failed("syncing the directory of", e))?;
         }
         // A snapshot an older version kept in RocksDB is superseded now.
-        let cf = db.cf_handle(CF_SNAPSHOT).expect("snapshot column family");
-        db.delete_cf(cf, KEY_SNAPSHOT_META)
-            .map_err(io::Error::other)?;
-        db.delete_cf(cf, KEY_SNAPSHOT_DATA)
-            .map_err(io::Error::other)?;
+        if legacy.load(Ordering::Relaxed) {
+            let cf = db.cf_handle(CF_SNAPSHOT).expect("snapshot column family");
+            db.delete_cf(cf, KEY_SNAPSHOT_META)
+                .map_err(io::Error::other)?;
+            db.delete_cf(cf, KEY_SNAPSHOT_DATA)
+                .map_err(io::Error::other)?;
+            legacy.store(false, Ordering::Relaxed);
+        }
         Ok(data)
     })
     .await
@@ -315,7 +342,14 @@ impl<M: StateMachine> RaftSnapshotBuilder<TypeConfig> for SmStore<M> {
         let data = in_background("raft-snapshot", move || M::encode_frozen(frozen, hint)).await?;
         self.snapshot_bytes.store(data.len(), Ordering::Relaxed);
         let encoded_ms = started.elapsed().as_millis() as u64;
-        let data = write_snapshot(self.db.clone(), self.path.clone(), &meta, data).await?;
+        let data = write_snapshot(
+            self.db.clone(),
+            self.path.clone(),
+            self.legacy.clone(),
+            &meta,
+            data,
+        )
+        .await?;
         tracing::info!(
             last_log_id = ?meta.last_log_id,
             bytes = data.len(),
@@ -408,7 +442,14 @@ impl<M: StateMachine> RaftStateMachine<TypeConfig> for SmStore<M> {
             state.membership = meta.last_membership.clone();
         }
         self.snapshot_bytes.store(snapshot.len(), Ordering::Relaxed);
-        write_snapshot(self.db.clone(), self.path.clone(), meta, snapshot).await?;
+        write_snapshot(
+            self.db.clone(),
+            self.path.clone(),
+            self.legacy.clone(),
+            meta,
+            snapshot,
+        )
+        .await?;
         let index = meta.last_log_id.as_ref().map(|id| id.index()).unwrap_or(0);
         self.shared.applied_tx.send_replace(index);
         tracing::info!(last_log_id = ?meta.last_log_id, "installed snapshot");
@@ -464,7 +505,8 @@ mod tests {
 
         // Over two pacing steps, so a step boundary falls inside the data.
         let data: Vec<u8> = (0..2_500_000u32).map(|i| (i % 251) as u8).collect();
-        write_snapshot(db.clone(), path.clone(), &meta(7), data.clone())
+        let legacy = Arc::new(AtomicBool::new(false));
+        write_snapshot(db.clone(), path.clone(), legacy, &meta(7), data.clone())
             .await
             .unwrap();
         let back = read_snapshot(&db, &path).unwrap().expect("stored");
@@ -499,11 +541,22 @@ mod tests {
         db.put_cf(cf, KEY_SNAPSHOT_DATA, b"old state").unwrap();
         let old = read_snapshot(&db, &path).unwrap().expect("legacy snapshot");
         assert_eq!((old.meta, old.snapshot), (meta(3), b"old state".to_vec()));
+        let legacy = Arc::new(AtomicBool::new(has_legacy_snapshot(&db).unwrap()));
+        assert!(legacy.load(Ordering::Relaxed));
 
-        write_snapshot(db.clone(), path.clone(), &meta(9), b"new state".to_vec())
-            .await
-            .unwrap();
+        write_snapshot(
+            db.clone(),
+            path.clone(),
+            legacy.clone(),
+            &meta(9),
+            b"new state".to_vec(),
+        )
+        .await
+        .unwrap();
         assert!(db.get_cf(cf, KEY_SNAPSHOT_DATA).unwrap().is_none());
+        // Deleted once: later snapshots leave RocksDB alone.
+        assert!(!legacy.load(Ordering::Relaxed));
+        assert!(!has_legacy_snapshot(&db).unwrap());
         std::fs::remove_file(path.as_path()).unwrap();
         assert!(read_snapshot(&db, &path).unwrap().is_none());
     }
