@@ -92,10 +92,7 @@ impl RecentEntries {
         self.bytes += command_bytes(&entry);
         self.entries.push_back(entry);
         while self.entries.len() > RECENT_MAX_ENTRIES || self.bytes > RECENT_MAX_BYTES {
-            let Some(old) = self.entries.pop_front() else {
-                break;
-            };
-            self.bytes -= command_bytes(&old);
+            self.pop_front();
         }
     }
 
@@ -112,11 +109,13 @@ impl RecentEntries {
 
     /// Drops entries up to and including `index`.
     fn purge(&mut self, index: u64) {
-        while let Some(first) = self.entries.front() {
-            if first.index() > index {
-                break;
-            }
-            let old = self.entries.pop_front().expect("checked above");
+        while self.first_index().is_some_and(|first| first <= index) {
+            self.pop_front();
+        }
+    }
+
+    fn pop_front(&mut self) {
+        if let Some(old) = self.entries.pop_front() {
             self.bytes -= command_bytes(&old);
         }
     }
@@ -162,12 +161,15 @@ struct Flusher {
 }
 
 impl Flusher {
+    fn unwritten_committed(&self) -> std::sync::MutexGuard<'_, Option<Option<LogId>>> {
+        self.unwritten_committed
+            .lock()
+            .expect("committed lock poisoned")
+    }
+
     /// Adds the unwritten committed id, if there is one, to `batch`.
     fn write_committed_into(&self, batch: &mut WriteBatch) -> io::Result<()> {
-        let mut unwritten = self
-            .unwritten_committed
-            .lock()
-            .expect("committed lock poisoned");
+        let mut unwritten = self.unwritten_committed();
         if let Some(committed) = *unwritten {
             let cf = self.db.cf_handle(CF_META).expect("meta column family");
             batch.put_cf(cf, KEY_COMMITTED, encode(&committed).map_err(invalid_data)?);
@@ -332,20 +334,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> io::Result<()> {
-        *self
-            .flusher
-            .unwritten_committed
-            .lock()
-            .expect("committed lock poisoned") = Some(committed);
+        *self.flusher.unwritten_committed() = Some(committed);
         Ok(())
     }
 
     async fn read_committed(&mut self) -> io::Result<Option<LogId>> {
-        let unwritten = *self
-            .flusher
-            .unwritten_committed
-            .lock()
-            .expect("committed lock poisoned");
+        let unwritten = *self.flusher.unwritten_committed();
         if let Some(committed) = unwritten {
             return Ok(committed);
         }
