@@ -112,6 +112,19 @@ pub(crate) struct Live {
     pub(crate) lease: i64,
 }
 
+impl Live {
+    /// A key that did not exist (or was deleted) put at `revision`: version 1. No value (a put
+    /// with `ignore_value`) is an empty one.
+    fn created(value: Option<Vec<u8>>, revision: i64, lease: i64) -> Self {
+        Live {
+            value: value.unwrap_or_default(),
+            create_revision: revision,
+            version: 1,
+            lease,
+        }
+    }
+}
+
 /// One change of one key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Entry {
@@ -384,44 +397,63 @@ impl Mvcc {
         want_prev: bool,
     ) -> PutOutcome {
         let sub = batch_sub(batch);
-        batch.keys.push(key.clone());
-        let history = self.keys.entry(key).or_default();
-        let prev = history.latest_live();
-        let key = &batch.keys[sub as usize];
-        let prev_kv = if want_prev {
-            prev.map(|(entry, live)| entry.to_kv(key, live, false))
-        } else {
-            None
-        };
-        let prev_lease = prev.map_or(0, |(_, live)| live.lease);
-        let lease = lease.unwrap_or(prev_lease);
-        let live = match prev {
-            Some((_, p)) => Live {
-                value: value.unwrap_or_else(|| p.value.clone()),
-                create_revision: p.create_revision,
-                version: p.version + 1,
-                lease,
-            },
+        let revision = batch.revision;
+        // One map traversal for a key that exists, two (a miss, then the insert) for a new one:
+        // the map's entry API walks the tree three times, and with many keys sharing a long
+        // prefix each step of a walk is a memcmp of that prefix.
+        let outcome = match self.keys.get_mut(&key) {
+            Some(history) => {
+                let prev = history.latest_live();
+                let prev_kv = match prev {
+                    Some((entry, live)) if want_prev => Some(entry.to_kv(&key, live, false)),
+                    _ => None,
+                };
+                let prev_lease = prev.map_or(0, |(_, live)| live.lease);
+                let lease = lease.unwrap_or(prev_lease);
+                let live = match prev {
+                    Some((_, p)) => Live {
+                        value: value.unwrap_or_else(|| p.value.clone()),
+                        create_revision: p.create_revision,
+                        version: p.version + 1,
+                        lease,
+                    },
+                    // The key's latest change deleted it: it lives again from here.
+                    None => {
+                        self.live_keys += 1;
+                        Live::created(value, revision, lease)
+                    }
+                };
+                history.entries.push(Entry {
+                    revision,
+                    sub,
+                    live: Some(live),
+                });
+                PutOutcome {
+                    prev_kv,
+                    prev_lease,
+                    lease,
+                }
+            }
             None => {
                 self.live_keys += 1;
-                Live {
-                    value: value.unwrap_or_default(),
-                    create_revision: batch.revision,
-                    version: 1,
+                let lease = lease.unwrap_or(0);
+                let history = KeyHistory {
+                    entries: vec![Entry {
+                        revision,
+                        sub,
+                        live: Some(Live::created(value, revision, lease)),
+                    }],
+                };
+                self.keys.insert(key.clone(), history);
+                PutOutcome {
+                    prev_kv: None,
+                    prev_lease: 0,
                     lease,
                 }
             }
         };
-        history.entries.push(Entry {
-            revision: batch.revision,
-            sub,
-            live: Some(live),
-        });
-        PutOutcome {
-            prev_kv,
-            prev_lease,
-            lease,
-        }
+        batch.keys.push(key);
+        outcome
     }
 
     /// Deletes every live key in `range`.
