@@ -3,12 +3,24 @@
 //! Every write that reaches a follower must run on the leader. Sending each one as its own peer
 //! RPC costs a gRPC round trip of CPU on both sides per write, which under load is most of a
 //! write's cost. Instead, one task per node queues forwarded writes and sends whatever has queued
-//! up as one `Writes` RPC, with at most [`MAX_IN_FLIGHT`] batches outstanding: while those are
-//! out, new writes pile up and leave together in the next batch, so batches grow with the load
-//! and a lone write still leaves at once.
+//! up as one batch, with at most [`MAX_IN_FLIGHT`] batches outstanding: while those are out, new
+//! writes pile up and leave together in the next batch, so batches grow with the load and a lone
+//! write still leaves at once.
+//!
+//! Batches travel on one long-lived `ForwardStream` per leader ([`Link`]), each message carrying a
+//! sequence number its answer repeats: a batch costs one message each way instead of an HTTP/2
+//! stream with its headers, trailers and server task. A leader without that RPC (an older version,
+//! during a rolling upgrade) gets each batch as a unary `Forward` of [`Forwarded::Writes`].
 
+use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 
+use futures::channel::mpsc::UnboundedSender;
+use longlink_proto::raftpb::RaftMessage;
 use serde::Deserialize;
 use serde::Serialize;
 use tokio::sync::Semaphore;
@@ -50,6 +62,24 @@ pub(crate) enum ForwardError {
 }
 
 pub(crate) type ForwardReply = std::result::Result<Vec<u8>, ForwardError>;
+
+/// A batch of encoded commands on a `ForwardStream`, proposed together.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct StreamedBatch {
+    pub(crate) seq: u64,
+    pub(crate) commands: Vec<serde_bytes::ByteBuf>,
+}
+
+/// The leader's answer to the [`StreamedBatch`] with the same `seq`: one reply per command, in
+/// order.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct StreamedReplies {
+    pub(crate) seq: u64,
+    pub(crate) replies: Vec<ForwardReply>,
+}
+
+/// What became of one batch: a reply per write, or one error for all of them.
+type BatchOutcome = std::result::Result<Vec<ForwardReply>, ForwardError>;
 
 /// Batches sent to the leader and not yet answered; more writes wait and join the next batch.
 /// One: the next batch leaves when the previous one is answered, so batches are as large as
@@ -118,6 +148,7 @@ impl WriteBatcher {
 }
 
 async fn run(mut rx: mpsc::Receiver<PendingWrite>, peers: Peers) {
+    let links = Arc::new(Links::default());
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut carried: Option<PendingWrite> = None;
     loop {
@@ -149,60 +180,37 @@ async fn run(mut rx: mpsc::Receiver<PendingWrite>, peers: Peers) {
             }
         }
         let peers = peers.clone();
+        let links = links.clone();
         tokio::spawn(async move {
-            send(&peers, batch).await;
+            send(&peers, &links, batch).await;
             drop(permit);
         });
     }
 }
 
 /// Sends one batch and hands each caller its own reply.
-async fn send(peers: &Peers, batch: Vec<PendingWrite>) {
+async fn send(peers: &Peers, links: &Links, batch: Vec<PendingWrite>) {
     let leader = batch[0].leader;
     let deadline = batch.iter().map(|p| p.deadline).max().expect("non-empty");
     let (commands, replies): (Vec<_>, Vec<_>) = batch
         .into_iter()
-        .map(|p| (p.command, (p.addr, p.reply)))
+        .map(|p| (serde_bytes::ByteBuf::from(p.command), (p.addr, p.reply)))
         .unzip();
     let count = commands.len();
     let addr = replies[0].0.clone();
-    let commands = commands
-        .into_iter()
-        .map(serde_bytes::ByteBuf::from)
-        .collect();
-    let outcome = match encode(&Forwarded::Writes(commands)) {
-        Err(e) => Err(ForwardError::Failed(e)),
-        Ok(data) => {
-            let mut client = peers.client(&addr);
-            let msg = longlink_proto::raftpb::RaftMessage { data };
-            match tokio::time::timeout_at(deadline, client.forward(msg)).await {
-                Err(_) => Err(ForwardError::Failed(format!(
-                    "unreachable: leader {leader} did not answer in time"
-                ))),
-                Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
-                    // The leader may be gone; callers retry like during an election.
-                    tracing::debug!(leader, %status, "forwarding a batch to the leader failed");
-                    Err(ForwardError::NotLeader(None))
-                }
-                Ok(Err(status)) => Err(ForwardError::Failed(format!("unreachable: {status}"))),
-                Ok(Ok(reply)) => decode::<ForwardReply>(&reply.into_inner().data)
-                    .unwrap_or_else(|e| Err(ForwardError::Failed(e)))
-                    .and_then(|data| {
-                        decode::<Vec<ForwardReply>>(&data).map_err(ForwardError::Failed)
-                    })
-                    .and_then(|replies| {
-                        if replies.len() == count {
-                            Ok(replies)
-                        } else {
-                            Err(ForwardError::Failed(format!(
-                                "leader answered {} of {count} forwarded writes",
-                                replies.len()
-                            )))
-                        }
-                    }),
+    let outcome = links
+        .send(peers, leader, &addr, commands, deadline)
+        .await
+        .and_then(|answers| {
+            if answers.len() == count {
+                Ok(answers)
+            } else {
+                Err(ForwardError::Failed(format!(
+                    "leader answered {} of {count} forwarded writes",
+                    answers.len()
+                )))
             }
-        }
-    };
+        });
     match outcome {
         Ok(answers) => {
             for ((_, reply), answer) in replies.into_iter().zip(answers) {
@@ -214,5 +222,452 @@ async fn send(peers: &Peers, batch: Vec<PendingWrite>) {
                 let _ = reply.send(Err(e.clone()));
             }
         }
+    }
+}
+
+/// The streams forwarded batches travel on: one to the current leader.
+#[derive(Default)]
+struct Links {
+    current: tokio::sync::Mutex<Option<Arc<Link>>>,
+    /// Leaders that do not serve `ForwardStream` (an older version): batches go as unary calls.
+    unary: Mutex<HashSet<String>>,
+}
+
+/// Why no stream to the leader could be had.
+enum NoLink {
+    /// The leader does not serve `ForwardStream`.
+    Unimplemented,
+    Failed(ForwardError),
+}
+
+impl Links {
+    /// Runs `commands` on `leader` (at `addr`) as one batch.
+    async fn send(
+        &self,
+        peers: &Peers,
+        leader: NodeId,
+        addr: &str,
+        commands: Vec<serde_bytes::ByteBuf>,
+        deadline: Instant,
+    ) -> BatchOutcome {
+        let unary = self
+            .unary
+            .lock()
+            .expect("forward link set poisoned")
+            .contains(addr);
+        if unary {
+            return send_unary(peers, leader, addr, commands, deadline).await;
+        }
+        let mut commands = commands;
+        // A stream that ended between the batch's lookup and its send (the leader restarted, or
+        // an answer timed out) is replaced once.
+        for _ in 0..2 {
+            let link = match self.link(peers, addr, deadline).await {
+                Ok(link) => link,
+                Err(NoLink::Unimplemented) => {
+                    return send_unary(peers, leader, addr, commands, deadline).await;
+                }
+                Err(NoLink::Failed(e)) => return Err(e),
+            };
+            match link.call(leader, commands, deadline).await {
+                Ok(outcome) => return outcome,
+                Err(unsent) => commands = unsent,
+            }
+        }
+        // Nothing was sent: the caller may retry, as during an election.
+        Err(ForwardError::NotLeader(None))
+    }
+
+    /// The open stream to `addr`, opening one if there is none (or only an ended one, or one
+    /// to a former leader, which is closed by dropping it).
+    async fn link(
+        &self,
+        peers: &Peers,
+        addr: &str,
+        deadline: Instant,
+    ) -> std::result::Result<Arc<Link>, NoLink> {
+        let mut current = self.current.lock().await;
+        if let Some(link) = current.as_ref()
+            && link.addr == addr
+            && !link.ended()
+        {
+            return Ok(link.clone());
+        }
+        *current = None;
+        match Link::open(peers, addr, deadline).await {
+            Ok(link) => {
+                *current = Some(link.clone());
+                Ok(link)
+            }
+            Err(status) if status.code() == tonic::Code::Unimplemented => {
+                tracing::info!(
+                    leader = addr,
+                    "the leader has no ForwardStream; forwarding writes as unary calls"
+                );
+                self.unary
+                    .lock()
+                    .expect("forward link set poisoned")
+                    .insert(addr.to_string());
+                Err(NoLink::Unimplemented)
+            }
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                tracing::debug!(leader = addr, %status, "opening the forward stream failed");
+                Err(NoLink::Failed(ForwardError::NotLeader(None)))
+            }
+            Err(status) => Err(NoLink::Failed(ForwardError::Failed(format!(
+                "unreachable: {status}"
+            )))),
+        }
+    }
+}
+
+/// One `ForwardStream` to a leader: batches go out through `tx`, a reader task hands each answer
+/// to the batch waiting for its `seq`.
+struct Link {
+    addr: String,
+    tx: UnboundedSender<RaftMessage>,
+    state: Arc<Mutex<LinkState>>,
+    next_seq: AtomicU64,
+}
+
+#[derive(Default)]
+struct LinkState {
+    /// Batches sent and not yet answered.
+    pending: HashMap<u64, oneshot::Sender<BatchOutcome>>,
+    /// Set when the stream ended (with why) or is not to be used any more.
+    ended: Option<String>,
+}
+
+impl Link {
+    async fn open(
+        peers: &Peers,
+        addr: &str,
+        deadline: Instant,
+    ) -> std::result::Result<Arc<Link>, tonic::Status> {
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        let mut client = peers.client(addr);
+        let answers = tokio::time::timeout_at(deadline, client.forward_stream(rx))
+            .await
+            .map_err(|_| tonic::Status::unavailable("opening the forward stream timed out"))??
+            .into_inner();
+        let state = Arc::new(Mutex::new(LinkState::default()));
+        tokio::spawn(read_answers(answers, state.clone()));
+        Ok(Arc::new(Link {
+            addr: addr.to_string(),
+            tx,
+            state,
+            next_seq: AtomicU64::new(1),
+        }))
+    }
+
+    fn ended(&self) -> bool {
+        self.lock().ended.is_some()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LinkState> {
+        self.state.lock().expect("forward link state poisoned")
+    }
+
+    /// Sends one batch and waits for its answer. A batch that was sent and then lost its
+    /// stream fails (the leader may have proposed it: retrying could apply it twice); one that
+    /// never left, because the stream had ended, comes back as `Err` with its commands.
+    async fn call(
+        &self,
+        leader: NodeId,
+        commands: Vec<serde_bytes::ByteBuf>,
+        deadline: Instant,
+    ) -> std::result::Result<BatchOutcome, Vec<serde_bytes::ByteBuf>> {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let batch = StreamedBatch { seq, commands };
+        let data = match encode(&batch) {
+            Ok(data) => data,
+            Err(e) => return Ok(Err(ForwardError::Failed(e))),
+        };
+        let (answer_tx, answer_rx) = oneshot::channel();
+        {
+            let mut state = self.lock();
+            if state.ended.is_some() {
+                return Err(batch.commands);
+            }
+            state.pending.insert(seq, answer_tx);
+        }
+        if self.tx.unbounded_send(RaftMessage { data }).is_err() {
+            self.lock().pending.remove(&seq);
+            return Err(batch.commands);
+        }
+        match tokio::time::timeout_at(deadline, answer_rx).await {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(_)) => Ok(Err(ForwardError::Failed("node stopped".into()))),
+            Err(_) => {
+                // A leader this slow is treated as gone: the next batch opens a new stream.
+                let mut state = self.lock();
+                state.pending.remove(&seq);
+                state.ended = Some("an answer timed out".into());
+                Ok(Err(ForwardError::Failed(format!(
+                    "unreachable: leader {leader} did not answer in time"
+                ))))
+            }
+        }
+    }
+}
+
+/// Hands each answer on `answers` to its batch; when the stream ends, fails every batch still
+/// waiting (sent, so perhaps proposed: they are not retried).
+async fn read_answers(mut answers: tonic::Streaming<RaftMessage>, state: Arc<Mutex<LinkState>>) {
+    let reason = loop {
+        match answers.message().await {
+            Ok(Some(msg)) => match decode::<StreamedReplies>(&msg.data) {
+                Ok(answer) => {
+                    let waiting = state
+                        .lock()
+                        .expect("forward link state poisoned")
+                        .pending
+                        .remove(&answer.seq);
+                    if let Some(waiting) = waiting {
+                        let _ = waiting.send(Ok(answer.replies));
+                    }
+                }
+                Err(e) => break format!("undecodable answer: {e}"),
+            },
+            Ok(None) => break "the leader closed it".to_string(),
+            Err(status) => break status.to_string(),
+        }
+    };
+    let waiting = {
+        let mut state = state.lock().expect("forward link state poisoned");
+        state.ended = Some(reason.clone());
+        std::mem::take(&mut state.pending)
+    };
+    if !waiting.is_empty() {
+        tracing::debug!(%reason, batches = waiting.len(), "forward stream ended with batches unanswered");
+    }
+    for (_, batch) in waiting {
+        let _ = batch.send(Err(ForwardError::Failed(format!(
+            "unreachable: the stream to the leader ended before it answered: {reason}"
+        ))));
+    }
+}
+
+/// Sends one batch as a unary `Forward` (leaders without `ForwardStream`).
+async fn send_unary(
+    peers: &Peers,
+    leader: NodeId,
+    addr: &str,
+    commands: Vec<serde_bytes::ByteBuf>,
+    deadline: Instant,
+) -> BatchOutcome {
+    let request = encode(&Forwarded::Writes(commands)).map_err(ForwardError::Failed)?;
+    let data = forward_unary(peers, leader, addr, request, deadline).await?;
+    decode::<Vec<ForwardReply>>(&data).map_err(ForwardError::Failed)
+}
+
+/// Runs an encoded [`Forwarded`] request on `leader` (at `addr`) as one unary `Forward` call.
+pub(crate) async fn forward_unary(
+    peers: &Peers,
+    leader: NodeId,
+    addr: &str,
+    request: Vec<u8>,
+    deadline: Instant,
+) -> ForwardReply {
+    let mut client = peers.client(addr);
+    let msg = RaftMessage { data: request };
+    match tokio::time::timeout_at(deadline, client.forward(msg)).await {
+        Err(_) => Err(ForwardError::Failed(format!(
+            "unreachable: leader {leader} did not answer in time"
+        ))),
+        Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+            // The leader may be gone (nothing reached it): callers retry like during an election.
+            tracing::debug!(leader, %status, "forwarding to the leader failed");
+            Err(ForwardError::NotLeader(None))
+        }
+        Ok(Err(status)) => Err(ForwardError::Failed(format!("unreachable: {status}"))),
+        Ok(Ok(reply)) => decode::<ForwardReply>(&reply.into_inner().data)
+            .unwrap_or_else(|e| Err(ForwardError::Failed(e))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::convert::Infallible;
+    use std::task::Context;
+    use std::task::Poll;
+
+    use tonic::body::Body;
+    use tonic::codegen::BoxFuture;
+    use tonic::codegen::Service;
+    use tonic::codegen::http;
+    use tonic::server::NamedService;
+
+    use crate::conformance::Counter;
+    use crate::node::NodeConfig;
+    use crate::node::RaftNode;
+
+    /// The peer service, recording the path of every call it gets; with `refuse_streams` it
+    /// answers `ForwardStream` like a leader built before that RPC existed (Unimplemented).
+    #[derive(Clone)]
+    struct Recorded<S> {
+        inner: S,
+        calls: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+        refuse_streams: bool,
+    }
+
+    impl<S: NamedService> NamedService for Recorded<S> {
+        const NAME: &'static str = S::NAME;
+    }
+
+    impl<S> Service<http::Request<Body>> for Recorded<S>
+    where
+        S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>,
+        S::Future: Send + 'static,
+    {
+        type Response = http::Response<Body>;
+        type Error = Infallible;
+        type Future = BoxFuture<Self::Response, Infallible>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            self.inner.poll_ready(cx)
+        }
+
+        fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+            let path = request.uri().path().to_string();
+            self.calls.lock().unwrap().push(path.clone());
+            if self.refuse_streams && path.ends_with("/ForwardStream") {
+                return Box::pin(async {
+                    Ok(tonic::Status::unimplemented("no such method").into_http())
+                });
+            }
+            Box::pin(self.inner.call(request))
+        }
+    }
+
+    struct Group {
+        nodes: Vec<RaftNode<Counter>>,
+        calls: Vec<std::sync::Arc<std::sync::Mutex<Vec<String>>>>,
+        _dirs: Vec<tempfile::TempDir>,
+        /// Set to stop the servers.
+        stop: tokio::sync::watch::Sender<bool>,
+    }
+
+    impl Group {
+        /// Three nodes serving their peer service on loopback, with a leader elected.
+        async fn start(refuse_streams: bool) -> Group {
+            let mut listeners = Vec::new();
+            let mut members = BTreeMap::new();
+            for id in 1..=3u64 {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                members.insert(id, listener.local_addr().unwrap().to_string());
+                listeners.push(listener);
+            }
+            let (stop, _) = tokio::sync::watch::channel(false);
+            let (mut nodes, mut calls, mut dirs) = (Vec::new(), Vec::new(), Vec::new());
+            for (id, listener) in (1..=3u64).zip(listeners) {
+                let dir = tempfile::TempDir::new().unwrap();
+                let node = RaftNode::open(NodeConfig::new(id, dir.path()), Counter::default())
+                    .await
+                    .unwrap();
+                let recorded = Recorded {
+                    inner: node.peer_service(),
+                    calls: Default::default(),
+                    refuse_streams,
+                };
+                calls.push(recorded.calls.clone());
+                let incoming = tonic::transport::server::TcpIncoming::from(listener);
+                let mut stop_rx = stop.subscribe();
+                let stopped = async move {
+                    let _ = stop_rx.wait_for(|stop| *stop).await;
+                };
+                tokio::spawn(
+                    tonic::transport::Server::builder()
+                        .add_service(recorded)
+                        .serve_with_incoming_shutdown(incoming, stopped),
+                );
+                nodes.push(node);
+                dirs.push(dir);
+            }
+            for node in &nodes {
+                node.initialize(&members).await.unwrap();
+            }
+            for node in &nodes {
+                let mut status = node.status_watch();
+                tokio::time::timeout(
+                    std::time::Duration::from_secs(10),
+                    status.wait_for(|s| s.leader.is_some()),
+                )
+                .await
+                .expect("a leader within 10 s")
+                .unwrap();
+            }
+            Group {
+                nodes,
+                calls,
+                _dirs: dirs,
+                stop,
+            }
+        }
+
+        fn leader_and_follower(&self) -> (usize, usize) {
+            let leader = self.nodes[0].leader().unwrap();
+            let leader = self.nodes.iter().position(|n| n.id() == leader).unwrap();
+            (leader, (leader + 1) % 3)
+        }
+
+        /// How many calls of `method` node `i` has served.
+        fn served(&self, i: usize, method: &str) -> usize {
+            let suffix = format!("/{method}");
+            let calls = self.calls[i].lock().unwrap();
+            calls.iter().filter(|p| p.ends_with(&suffix)).count()
+        }
+
+        async fn stop(self) {
+            for node in &self.nodes {
+                node.shutdown().await.unwrap();
+            }
+            let _ = self.stop.send(true);
+        }
+    }
+
+    /// `writes` concurrent writes of 1 through `node` to a counter at `from`: each caller's reply
+    /// is the counter after its own write, so the replies are exactly from+1..=from+writes.
+    async fn count_through(node: &RaftNode<Counter>, from: u64, writes: u64) {
+        let mut tasks = Vec::new();
+        for _ in 0..writes {
+            let node = node.clone();
+            tasks.push(tokio::spawn(async move { node.write(1).await.unwrap() }));
+        }
+        let mut replies = Vec::new();
+        for task in tasks {
+            replies.push(task.await.unwrap());
+        }
+        replies.sort_unstable();
+        assert_eq!(replies, (from + 1..=from + writes).collect::<Vec<_>>());
+    }
+
+    /// Two rounds of 40 concurrent writes through a follower of a new group; returns the group
+    /// and the leader's position.
+    async fn two_rounds_through_a_follower(refuse_streams: bool) -> (Group, usize) {
+        let group = Group::start(refuse_streams).await;
+        let (leader, follower) = group.leader_and_follower();
+        count_through(&group.nodes[follower], 0, 40).await;
+        count_through(&group.nodes[follower], 40, 40).await;
+        (group, leader)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_through_a_follower_share_one_stream_to_the_leader() {
+        let (group, leader) = two_rounds_through_a_follower(false).await;
+        // Every batch of both rounds went over the one stream; none as a call of its own.
+        assert_eq!(group.served(leader, "ForwardStream"), 1);
+        assert_eq!(group.served(leader, "Forward"), 0);
+        group.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leader_without_forward_streams_gets_batches_as_unary_calls() {
+        let (group, leader) = two_rounds_through_a_follower(true).await;
+        // The stream was tried once; the follower remembered the answer.
+        assert_eq!(group.served(leader, "ForwardStream"), 1);
+        assert!(group.served(leader, "Forward") >= 1);
+        group.stop().await;
     }
 }

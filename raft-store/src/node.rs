@@ -25,6 +25,7 @@ use crate::forward::ForwardError;
 use crate::forward::ForwardReply;
 use crate::forward::Forwarded;
 use crate::forward::WriteBatcher;
+use crate::forward::forward_unary;
 use crate::log_store::LogStore;
 use crate::network::Peers;
 use crate::sm_store::SmStore;
@@ -358,7 +359,7 @@ impl<M: StateMachine> RaftNode<M> {
                         encoded = Some(encode(&request).map_err(Error::Codec)?);
                     }
                     let bytes = encoded.clone().expect("encoded above");
-                    self.forward(leader, &addr, bytes, deadline).await
+                    forward_unary(&self.inner.peers, leader, &addr, bytes, deadline).await
                 }
                 _ => Err(ForwardError::NotLeader(None)),
             };
@@ -382,30 +383,6 @@ impl<M: StateMachine> RaftNode<M> {
                 Ok(Err(_)) => return Err(Error::Raft("node stopped".into())),
                 Err(_) => return Err(last_error),
             }
-        }
-    }
-
-    async fn forward(
-        &self,
-        leader: NodeId,
-        addr: &str,
-        request: Vec<u8>,
-        deadline: tokio::time::Instant,
-    ) -> ForwardReply {
-        let mut client = self.inner.peers.client(addr);
-        let msg = longlink_proto::raftpb::RaftMessage { data: request };
-        match tokio::time::timeout_at(deadline, client.forward(msg)).await {
-            Err(_) => Err(ForwardError::Failed(format!(
-                "unreachable: leader {leader} did not answer in time"
-            ))),
-            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
-                // The leader may be gone; treat like an election in progress.
-                tracing::debug!(leader, %status, "forward to leader failed");
-                Err(ForwardError::NotLeader(None))
-            }
-            Ok(Err(status)) => Err(ForwardError::Failed(format!("unreachable: {status}"))),
-            Ok(Ok(reply)) => decode::<ForwardReply>(&reply.into_inner().data)
-                .unwrap_or_else(|e| Err(ForwardError::Failed(e))),
         }
     }
 }
@@ -501,7 +478,7 @@ impl<M: StateMachine> Inner<M> {
 
 /// Proposes `commands` as one batch (one message to the Raft core instead of one each) and
 /// answers each, in order, once applied.
-async fn write_many<M: StateMachine>(
+pub(crate) async fn write_many<M: StateMachine>(
     raft: &Raft<SmStore<M>>,
     commands: Vec<Vec<u8>>,
 ) -> Vec<ForwardReply> {

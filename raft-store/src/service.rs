@@ -18,8 +18,11 @@ use tonic::Streaming;
 
 use crate::StateMachine;
 use crate::forward::Forwarded;
+use crate::forward::StreamedBatch;
+use crate::forward::StreamedReplies;
 use crate::network::MAX_PEER_MESSAGE;
 use crate::node::RaftNode;
+use crate::node::write_many;
 use crate::types::AppendEntriesRequest;
 use crate::types::Snapshot;
 use crate::types::SnapshotMeta;
@@ -59,6 +62,10 @@ fn fatal(e: impl std::fmt::Display) -> Status {
 }
 
 type ReplyStream = Pin<Box<dyn Stream<Item = Result<RaftMessage, Status>> + Send>>;
+
+/// Batches of one `ForwardStream` proposed at the same time; more wait in the stream. A follower
+/// sends one at a time (`forward::MAX_IN_FLIGHT`), so this only bounds a misbehaving peer.
+const FORWARD_STREAM_BATCHES: usize = 16;
 
 #[tonic::async_trait]
 impl<M: StateMachine> RaftPeer for PeerService<M> {
@@ -171,6 +178,33 @@ impl<M: StateMachine> RaftPeer for PeerService<M> {
         let forwarded: Forwarded = decode_msg(request.get_ref())?;
         let outcome = self.node.inner.handle_forwarded(forwarded).await;
         reply(&outcome)
+    }
+
+    type ForwardStreamStream = ReplyStream;
+
+    async fn forward_stream(
+        &self,
+        request: Request<Streaming<RaftMessage>>,
+    ) -> Result<Response<Self::ForwardStreamStream>, Status> {
+        let node = self.node.clone();
+        let answers = request
+            .into_inner()
+            .map(move |msg| {
+                let node = node.clone();
+                async move {
+                    let batch: StreamedBatch = decode_msg(&msg?)?;
+                    let commands = batch.commands.into_iter().map(|c| c.into_vec()).collect();
+                    let replies = write_many(&node.inner.raft, commands).await;
+                    let answer = StreamedReplies {
+                        seq: batch.seq,
+                        replies,
+                    };
+                    let data = encode(&answer).map_err(Status::internal)?;
+                    Ok(RaftMessage { data })
+                }
+            })
+            .buffer_unordered(FORWARD_STREAM_BATCHES);
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn read_index(
