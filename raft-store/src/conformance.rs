@@ -34,8 +34,8 @@ impl StateMachine for Counter {
         self.total
     }
 
-    fn encode_frozen(total: u64, _size_hint: usize) -> Vec<u8> {
-        total.to_be_bytes().to_vec()
+    fn write_frozen(total: u64, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        out.write_all(&total.to_be_bytes())
     }
 
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {

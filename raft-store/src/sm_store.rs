@@ -6,6 +6,7 @@
 //! openraft replays the log entries after it.
 
 use std::io;
+use std::io::Seek;
 use std::io::Write;
 use std::path::Path;
 use std::path::PathBuf;
@@ -13,7 +14,6 @@ use std::sync::Arc;
 use std::sync::RwLock;
 use std::sync::RwLockReadGuard;
 use std::sync::atomic::AtomicBool;
-use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering;
 
 use futures::Stream;
@@ -72,9 +72,6 @@ pub struct SmStore<M> {
     /// A snapshot an older version kept in RocksDB is still there: the next snapshot written
     /// deletes it (once, not on every snapshot).
     legacy: Arc<AtomicBool>,
-    /// Bytes of the last snapshot built or installed: the next one is encoded into a buffer of
-    /// about that size, allocated once.
-    snapshot_bytes: Arc<AtomicUsize>,
 }
 
 impl<M> Clone for SmStore<M> {
@@ -84,7 +81,6 @@ impl<M> Clone for SmStore<M> {
             db: self.db.clone(),
             path: self.path.clone(),
             legacy: self.legacy.clone(),
-            snapshot_bytes: self.snapshot_bytes.clone(),
         }
     }
 }
@@ -95,9 +91,7 @@ impl<M: StateMachine> SmStore<M> {
         let path = dir.join(SNAPSHOT_FILE);
         let mut last_applied = None;
         let mut membership = StoredMembership::default();
-        let mut snapshot_bytes = 0;
         if let Some(snapshot) = read_snapshot(&db, &path).map_err(Error::storage)? {
-            snapshot_bytes = snapshot.snapshot.len();
             sm.restore(&snapshot.snapshot).map_err(Error::Codec)?;
             last_applied = snapshot.meta.last_log_id;
             membership = snapshot.meta.last_membership;
@@ -117,7 +111,6 @@ impl<M: StateMachine> SmStore<M> {
             db,
             path: Arc::new(path),
             legacy: Arc::new(AtomicBool::new(legacy)),
-            snapshot_bytes: Arc::new(AtomicUsize::new(snapshot_bytes)),
         })
     }
 
@@ -230,27 +223,48 @@ fn lower_priority() {
     }
 }
 
-/// Writes `data` at the file's current position `start` in 1 MiB steps, each written back to
-/// the disk before the next (`sync_file_range`); the caller's final sync makes it durable.
+/// The snapshot file is written back to the disk every this many bytes (see [`PacedFile`]).
+const PACE_STEP: usize = 1 << 20;
+
+/// A snapshot file being written: every byte goes through the checksum, and every
+/// [`PACE_STEP`] bytes are written back to the disk (`sync_file_range`) before more are taken.
 ///
 /// Written in one go, a 30 MB snapshot reached the disk as one burst at the final sync, and the
 /// WAL's fsyncs of every node sharing the disk queued behind it: put p99 at 64 clients went from
-/// 14 to 16-21 ms in a phase with a snapshot. In steps, a WAL fsync waits for at most one step
-/// (p99 14-15 ms, docs/benchmarks.md). Pacing only spreads the I/O; if the kernel refuses it,
-/// the data is still written and the final sync still makes it durable.
-fn write_paced(file: &mut std::fs::File, start: u64, data: &[u8]) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    const STEP: usize = 1 << 20;
-    let mut offset = start;
-    for step in data.chunks(STEP) {
-        file.write_all(step)?;
-        // SAFETY: the descriptor belongs to `file`, open for the whole call; the range is plain
-        // integers.
+/// ~14 ms to 16-21 ms in a phase with a snapshot. In steps it stays at ~14 ms (docs/benchmarks.md,
+/// "Session 9"). Pacing is best effort: if the call fails the data is still synced at the end.
+struct PacedFile {
+    file: std::fs::File,
+    hasher: xxhash_rust::xxh3::Xxh3,
+    /// The file offset after the last byte written.
+    offset: u64,
+    /// The offset from which bytes have not been written back yet.
+    unsynced_from: u64,
+}
+
+impl PacedFile {
+    fn new(file: std::fs::File, offset: u64) -> Self {
+        Self {
+            file,
+            hasher: xxhash_rust::xxh3::Xxh3::new(),
+            offset,
+            unsynced_from: offset,
+        }
+    }
+
+    fn write_back(&mut self) {
+        use std::os::fd::AsRawFd;
+        let len = self.offset - self.unsynced_from;
+        if len == 0 {
+            return;
+        }
+        // SAFETY: the descriptor belongs to `self.file`, open for the whole call; the range is
+        // plain integers.
         let paced = unsafe {
             libc::sync_file_range(
-                file.as_raw_fd(),
-                offset as libc::off64_t,
-                step.len() as libc::off64_t,
+                self.file.as_raw_fd(),
+                self.unsynced_from as libc::off64_t,
+                len as libc::off64_t,
                 libc::SYNC_FILE_RANGE_WAIT_BEFORE
                     | libc::SYNC_FILE_RANGE_WRITE
                     | libc::SYNC_FILE_RANGE_WAIT_AFTER,
@@ -259,65 +273,104 @@ fn write_paced(file: &mut std::fs::File, start: u64, data: &[u8]) -> io::Result<
         if paced != 0 {
             tracing::debug!(error = %io::Error::last_os_error(), "snapshot write not paced");
         }
-        offset += step.len() as u64;
+        self.unsynced_from = self.offset;
     }
-    Ok(())
 }
 
-/// Stores a snapshot durably and hands the data back, so the caller keeps it without a copy.
+impl Write for PacedFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let room = PACE_STEP - (self.offset - self.unsynced_from) as usize;
+        let written = self.file.write(&buf[..buf.len().min(room)])?;
+        self.hasher.update(&buf[..written]);
+        self.offset += written as u64;
+        if self.offset - self.unsynced_from >= PACE_STEP as u64 {
+            self.write_back();
+        }
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Stores a snapshot durably: `meta` (encoded) and the data `fill` writes. Returns the data's
+/// size. Blocking: run it off the async workers.
 ///
-/// The snapshot goes to a temporary file that is synced and then renamed over the previous one
-/// (and the directory synced), so a crash leaves the old snapshot or the new one, whole. Kept in
+/// The data streams into the file through a 1 MiB buffer, so a snapshot of any size costs no
+/// memory of its size: an in-memory copy of a 30 MB state was 30 MB of freshly faulted pages per
+/// snapshot, and zeroing those was most of a snapshot's CPU (docs/benchmarks.md, "Session 10").
+/// The file is written under a temporary name, synced and then renamed over the previous one (and
+/// the directory synced), so a crash leaves the old snapshot or the new one, whole. Kept in
 /// RocksDB, as before, tens of megabytes were copied into a memtable, compressed into an SST and
 /// written again on every snapshot; a file is written once. Meta and data share the file, so they
 /// always match.
+fn store_snapshot(
+    db: &DB,
+    path: &Path,
+    legacy: &AtomicBool,
+    meta: &[u8],
+    fill: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> io::Result<u64> {
+    let tmp = path.with_extension("tmp");
+    let failed = |what: &str, e: io::Error| {
+        io::Error::new(
+            e.kind(),
+            format!("{what} snapshot file {}: {e}", tmp.display()),
+        )
+    };
+    let write = || -> io::Result<u64> {
+        let mut file = std::fs::File::create(&tmp)?;
+        // The header comes last, once the lengths and the checksum are known.
+        file.write_all(&[0; SNAPSHOT_HEADER])?;
+        let mut out =
+            io::BufWriter::with_capacity(PACE_STEP, PacedFile::new(file, SNAPSHOT_HEADER as u64));
+        out.write_all(meta)?;
+        fill(&mut out)?;
+        let mut paced = out.into_inner().map_err(|e| e.into_error())?;
+        paced.write_back();
+        let data_len = paced.offset - (SNAPSHOT_HEADER + meta.len()) as u64;
+        let mut header = Vec::with_capacity(SNAPSHOT_HEADER);
+        header.extend_from_slice(SNAPSHOT_MAGIC);
+        header.extend_from_slice(&(meta.len() as u64).to_le_bytes());
+        header.extend_from_slice(&data_len.to_le_bytes());
+        header.extend_from_slice(&paced.hasher.digest().to_le_bytes());
+        let mut file = paced.file;
+        file.seek(io::SeekFrom::Start(0))?;
+        file.write_all(&header)?;
+        file.sync_all()?;
+        Ok(data_len)
+    };
+    let data_len = write().map_err(|e| failed("writing", e))?;
+    std::fs::rename(&tmp, path).map_err(|e| failed("renaming", e))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| failed("syncing the directory of", e))?;
+    }
+    // A snapshot an older version kept in RocksDB is superseded now.
+    if legacy.load(Ordering::Relaxed) {
+        let cf = db.cf_handle(CF_SNAPSHOT).expect("snapshot column family");
+        db.delete_cf(cf, KEY_SNAPSHOT_META)
+            .map_err(io::Error::other)?;
+        db.delete_cf(cf, KEY_SNAPSHOT_DATA)
+            .map_err(io::Error::other)?;
+        legacy.store(false, Ordering::Relaxed);
+    }
+    Ok(data_len)
+}
+
+/// Stores a snapshot received whole (from the leader) with [`store_snapshot`].
 async fn write_snapshot(
     db: Arc<DB>,
     path: Arc<PathBuf>,
     legacy: Arc<AtomicBool>,
     meta: &SnapshotMeta,
     data: Vec<u8>,
-) -> io::Result<Vec<u8>> {
+) -> io::Result<()> {
     let meta = encode(meta).map_err(io::Error::other)?;
     tokio::task::spawn_blocking(move || {
-        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-        hasher.update(&meta);
-        hasher.update(&data);
-        let mut header = Vec::with_capacity(SNAPSHOT_HEADER);
-        header.extend_from_slice(SNAPSHOT_MAGIC);
-        header.extend_from_slice(&(meta.len() as u64).to_le_bytes());
-        header.extend_from_slice(&(data.len() as u64).to_le_bytes());
-        header.extend_from_slice(&hasher.digest().to_le_bytes());
-        let tmp = path.with_extension("tmp");
-        let failed = |what: &str, e: io::Error| {
-            io::Error::new(
-                e.kind(),
-                format!("{what} snapshot file {}: {e}", tmp.display()),
-            )
-        };
-        let mut file = std::fs::File::create(&tmp).map_err(|e| failed("creating", e))?;
-        file.write_all(&header)
-            .and_then(|()| file.write_all(&meta))
-            .and_then(|()| write_paced(&mut file, (header.len() + meta.len()) as u64, &data))
-            .and_then(|()| file.sync_all())
-            .map_err(|e| failed("writing", e))?;
-        drop(file);
-        std::fs::rename(&tmp, path.as_path()).map_err(|e| failed("renaming", e))?;
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| failed("syncing the directory of", e))?;
-        }
-        // A snapshot an older version kept in RocksDB is superseded now.
-        if legacy.load(Ordering::Relaxed) {
-            let cf = db.cf_handle(CF_SNAPSHOT).expect("snapshot column family");
-            db.delete_cf(cf, KEY_SNAPSHOT_META)
-                .map_err(io::Error::other)?;
-            db.delete_cf(cf, KEY_SNAPSHOT_DATA)
-                .map_err(io::Error::other)?;
-            legacy.store(false, Ordering::Relaxed);
-        }
-        Ok(data)
+        store_snapshot(&db, &path, &legacy, &meta, |out| out.write_all(&data)).map(drop)
     })
     .await
     .map_err(io::Error::other)?
@@ -326,6 +379,11 @@ async fn write_snapshot(
 impl<M: StateMachine> RaftSnapshotBuilder<TypeConfig> for SmStore<M> {
     type SnapshotData = Vec<u8>;
 
+    /// Streams the state into the snapshot file and returns the snapshot's meta with **empty
+    /// data**: openraft (pinned, 0.10.0-alpha.34) reads only the meta of a snapshot it had built
+    /// (`core/sm/worker.rs`, `storage/helper.rs`); a peer that needs the data gets it from
+    /// [`RaftStateMachine::get_current_snapshot`], which reads the file. Holding a copy here would
+    /// cost the snapshot's size in memory for nothing.
     async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
         // Only the copy is made under the lock; applies resume while it is encoded.
         let (meta, frozen) = {
@@ -337,29 +395,23 @@ impl<M: StateMachine> RaftSnapshotBuilder<TypeConfig> for SmStore<M> {
             (meta, state.sm.freeze())
         };
         let started = std::time::Instant::now();
-        let previous = self.snapshot_bytes.load(Ordering::Relaxed);
-        let hint = previous + previous / 8;
-        let data = in_background("raft-snapshot", move || M::encode_frozen(frozen, hint)).await?;
-        self.snapshot_bytes.store(data.len(), Ordering::Relaxed);
-        let encoded_ms = started.elapsed().as_millis() as u64;
-        let data = write_snapshot(
-            self.db.clone(),
-            self.path.clone(),
-            self.legacy.clone(),
-            &meta,
-            data,
-        )
-        .await?;
+        let encoded_meta = encode(&meta).map_err(io::Error::other)?;
+        let (db, path, legacy) = (self.db.clone(), self.path.clone(), self.legacy.clone());
+        let bytes = in_background("raft-snapshot", move || {
+            store_snapshot(&db, &path, &legacy, &encoded_meta, |out| {
+                M::write_frozen(frozen, out)
+            })
+        })
+        .await??;
         tracing::info!(
             last_log_id = ?meta.last_log_id,
-            bytes = data.len(),
-            encoded_ms,
+            bytes,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "built snapshot"
         );
         Ok(Snapshot {
             meta,
-            snapshot: data,
+            snapshot: Vec::new(),
         })
     }
 }
@@ -441,7 +493,6 @@ impl<M: StateMachine> RaftStateMachine<TypeConfig> for SmStore<M> {
             state.last_applied = meta.last_log_id;
             state.membership = meta.last_membership.clone();
         }
-        self.snapshot_bytes.store(snapshot.len(), Ordering::Relaxed);
         write_snapshot(
             self.db.clone(),
             self.path.clone(),

@@ -31,17 +31,18 @@ pub trait StateMachine: Send + Sync + 'static {
 
     /// Copies the state for a snapshot. Applies wait while this runs, so it must be cheap (O(1)
     /// with persistent data structures); the expensive part happens in
-    /// [`StateMachine::encode_frozen`] after applies have resumed.
+    /// [`StateMachine::write_frozen`] after applies have resumed.
     fn freeze(&self) -> Self::Frozen;
 
-    /// Serializes a frozen copy. Runs on a blocking thread while applies go on. `size_hint` is a
-    /// guess of the encoded size (from the previous snapshot; 0 when there is none): allocating the
-    /// buffer once spares copying a large state over and over as the buffer grows.
-    fn encode_frozen(frozen: Self::Frozen, size_hint: usize) -> Vec<u8>;
+    /// Serializes a frozen copy into `out`, the snapshot file behind a buffer. Runs on a thread
+    /// of its own while applies go on. Errors are the file's (a full disk, say).
+    fn write_frozen(frozen: Self::Frozen, out: &mut dyn std::io::Write) -> std::io::Result<()>;
 
     /// Serializes the whole state now (what a snapshot of it contains).
     fn snapshot(&self) -> Vec<u8> {
-        Self::encode_frozen(self.freeze(), 0)
+        let mut bytes = Vec::new();
+        Self::write_frozen(self.freeze(), &mut bytes).expect("writing to memory cannot fail");
+        bytes
     }
 
     /// Replaces the whole state with a snapshot produced by [`StateMachine::snapshot`].

@@ -279,16 +279,15 @@ impl raft_store::StateMachine for KeeperState {
         self.clone()
     }
 
-    fn encode_frozen(state: KeeperState, size_hint: usize) -> Vec<u8> {
+    fn write_frozen(state: KeeperState, mut out: &mut dyn std::io::Write) -> std::io::Result<()> {
         let snapshot = SnapshotRef {
             format: SNAPSHOT_FORMAT,
             state: &state,
         };
-        let mut buf = Vec::with_capacity(size_hint);
-        // Plain in-memory data with known lengths: encoding into a Vec cannot fail.
-        bincode::serde::encode_into_std_write(&snapshot, &mut buf, bincode::config::standard())
-            .expect("keeper state always encodes");
-        buf
+        // Plain in-memory data with known lengths: only the writer can fail.
+        bincode::serde::encode_into_std_write(&snapshot, &mut out, bincode::config::standard())
+            .map(drop)
+            .map_err(std::io::Error::other)
     }
 
     fn restore(&mut self, snapshot: &[u8]) -> std::result::Result<(), String> {
@@ -880,7 +879,7 @@ mod tests {
     }
 
     #[test]
-    fn the_size_hint_changes_the_allocation_not_the_bytes() {
+    fn a_snapshot_is_the_versioned_encoding_of_the_state() {
         let state = busy_state();
         let plain = bincode::serde::encode_to_vec(
             SnapshotRef {
@@ -890,11 +889,7 @@ mod tests {
             bincode::config::standard(),
         )
         .unwrap();
-        let small = KeeperState::encode_frozen(state.freeze(), 0);
-        let sized = KeeperState::encode_frozen(state.freeze(), plain.len() + plain.len() / 8);
-        assert_eq!(small, plain);
-        assert_eq!(sized, plain);
-        assert!(sized.capacity() >= plain.len() + plain.len() / 8);
+        assert_eq!(state.snapshot(), plain);
     }
 
     #[test]
@@ -906,9 +901,9 @@ mod tests {
         put(&mut state, "after/freeze", "x");
         put(&mut state, "a", "changed after freeze");
         let mut restored = KeeperState::new();
-        restored
-            .restore(&KeeperState::encode_frozen(frozen, 0))
-            .unwrap();
+        let mut bytes = Vec::new();
+        KeeperState::write_frozen(frozen, &mut bytes).unwrap();
+        restored.restore(&bytes).unwrap();
         assert_eq!(restored, expected);
         assert_ne!(restored.hash(), state.hash());
     }
