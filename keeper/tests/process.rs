@@ -29,6 +29,35 @@ async fn sigterm_shuts_down_cleanly_and_restart_keeps_data() {
     assert_eq!(client.get("kept", None).await.unwrap().kvs().len(), 1);
 }
 
+/// A follower keeps a stream open to the leader for the writes it forwards; SIGTERM must still
+/// stop the leader promptly (a graceful server shutdown waits for open streams), and the others
+/// go on without it.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_stops_a_leader_that_followers_forward_writes_to() {
+    let mut c = KeeperCluster::start(Path::new(BIN), 3, "").await.unwrap();
+    let leader = c.leader().await.unwrap();
+    let followers: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    for follower in &followers {
+        let mut client = c.client_for(&[*follower]).await.unwrap();
+        client
+            .put("through", follower.to_string(), None)
+            .await
+            .unwrap();
+    }
+    let index = c.nodes.iter().position(|n| n.id == leader).unwrap();
+    let mut process = c.nodes[index].process.take().unwrap();
+    let code = process.terminate(Duration::from_secs(10));
+    assert_eq!(
+        code.as_ref().ok(),
+        Some(&Some(0)),
+        "the leader did not stop cleanly on SIGTERM ({code:?}):\n{}",
+        process.log_tail(20)
+    );
+    let mut client = c.client_for(&followers).await.unwrap();
+    client.put("after", "1", None).await.unwrap();
+    assert_eq!(client.get("through", None).await.unwrap().kvs().len(), 1);
+}
+
 /// A storage failure stops Raft for good. The node must then exit, loudly, instead of keeping
 /// its port open and failing every request (a half-alive node).
 #[tokio::test(flavor = "multi_thread")]

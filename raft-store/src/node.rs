@@ -106,6 +106,9 @@ pub(crate) struct Inner<M: StateMachine> {
     /// Forwarded writes leave for the leader in batches (see `forward.rs`).
     batcher: WriteBatcher,
     status_rx: watch::Receiver<NodeStatus>,
+    /// Set once the node's server starts shutting down: the `ForwardStream`s followers hold
+    /// open to this node then end (see [`RaftNode::close_peer_streams`]).
+    pub(crate) peer_streams_closed: watch::Sender<bool>,
 }
 
 /// One member of a Raft group replicating `M`. Cheap to clone.
@@ -184,6 +187,7 @@ impl<M: StateMachine> RaftNode<M> {
                 batcher,
                 peers,
                 status_rx,
+                peer_streams_closed: watch::channel(false).0,
             }),
         })
     }
@@ -278,6 +282,14 @@ impl<M: StateMachine> RaftNode<M> {
     /// Status updates (leader changes, membership changes, progress).
     pub fn status_watch(&self) -> watch::Receiver<NodeStatus> {
         self.inner.status_rx.clone()
+    }
+
+    /// Ends the `ForwardStream`s that followers hold open to this node, after the batches in
+    /// them are answered, and refuses new ones. Call it when the server that mounts
+    /// [`RaftNode::peer_service`] starts a graceful shutdown: a server waits for its open streams,
+    /// and a follower keeps its stream open for as long as it may forward writes.
+    pub fn close_peer_streams(&self) {
+        self.inner.peer_streams_closed.send_replace(true);
     }
 
     /// Adds a non-voting member that starts receiving the log (or a snapshot) at once.

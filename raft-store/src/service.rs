@@ -187,8 +187,19 @@ impl<M: StateMachine> RaftPeer for PeerService<M> {
         request: Request<Streaming<RaftMessage>>,
     ) -> Result<Response<Self::ForwardStreamStream>, Status> {
         let node = self.node.clone();
+        // No new batches once the server is shutting down; those taken are still answered. A
+        // stream opened after that is refused before it takes any (the follower then retries
+        // on the next leader).
+        let mut closed = self.node.inner.peer_streams_closed.subscribe();
+        if *closed.borrow_and_update() {
+            return Err(Status::unavailable("this node is shutting down"));
+        }
+        let closing = async move {
+            let _ = closed.wait_for(|closed| *closed).await;
+        };
         let answers = request
             .into_inner()
+            .take_until(closing)
             .map(move |msg| {
                 let node = node.clone();
                 async move {

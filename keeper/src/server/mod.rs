@@ -134,6 +134,15 @@ pub async fn serve(
     // Set TCP_NODELAY on accepted sockets here: the builder's `tcp_nodelay` does not apply to
     // an incoming stream we provide, and Nagle + delayed ACKs add ~40 ms to small responses.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    // A graceful shutdown waits for every open stream; followers' forward streams to this node
+    // stay open for as long as they may forward, so they are ended when the shutdown begins.
+    let stopping = {
+        let (shutdown, node) = (shutdown.clone(), node.clone());
+        async move {
+            shutdown.cancelled().await;
+            node.close_peer_streams();
+        }
+    };
     let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(node.peer_service())
@@ -146,7 +155,7 @@ pub async fn serve(
         .add_service(LeaseServer::from_arc(keeper.clone()))
         .add_service(ClusterServer::from_arc(keeper.clone()))
         .add_service(MaintenanceServer::from_arc(keeper.clone()))
-        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
+        .serve_with_incoming_shutdown(incoming, stopping)
         .await;
 
     shutdown.cancel();
