@@ -148,7 +148,7 @@ impl WriteBatcher {
 }
 
 async fn run(mut rx: mpsc::Receiver<PendingWrite>, peers: Peers) {
-    let links = Arc::new(Links::default());
+    let links = Arc::new(Links::new(peers));
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut carried: Option<PendingWrite> = None;
     loop {
@@ -179,27 +179,25 @@ async fn run(mut rx: mpsc::Receiver<PendingWrite>, peers: Peers) {
                 Err(_) => break,
             }
         }
-        let peers = peers.clone();
         let links = links.clone();
         tokio::spawn(async move {
-            send(&peers, &links, batch).await;
+            send(&links, batch).await;
             drop(permit);
         });
     }
 }
 
 /// Sends one batch and hands each caller its own reply.
-async fn send(peers: &Peers, links: &Links, batch: Vec<PendingWrite>) {
-    let leader = batch[0].leader;
+async fn send(links: &Links, batch: Vec<PendingWrite>) {
+    let (leader, addr) = (batch[0].leader, batch[0].addr.clone());
     let deadline = batch.iter().map(|p| p.deadline).max().expect("non-empty");
     let (commands, replies): (Vec<_>, Vec<_>) = batch
         .into_iter()
-        .map(|p| (serde_bytes::ByteBuf::from(p.command), (p.addr, p.reply)))
+        .map(|p| (serde_bytes::ByteBuf::from(p.command), p.reply))
         .unzip();
     let count = commands.len();
-    let addr = replies[0].0.clone();
     let outcome = links
-        .send(peers, leader, &addr, commands, deadline)
+        .send(leader, &addr, commands, deadline)
         .await
         .and_then(|answers| {
             if answers.len() == count {
@@ -213,12 +211,12 @@ async fn send(peers: &Peers, links: &Links, batch: Vec<PendingWrite>) {
         });
     match outcome {
         Ok(answers) => {
-            for ((_, reply), answer) in replies.into_iter().zip(answers) {
+            for (reply, answer) in replies.into_iter().zip(answers) {
                 let _ = reply.send(answer);
             }
         }
         Err(e) => {
-            for (_, reply) in replies {
+            for reply in replies {
                 let _ = reply.send(Err(e.clone()));
             }
         }
@@ -226,8 +224,8 @@ async fn send(peers: &Peers, links: &Links, batch: Vec<PendingWrite>) {
 }
 
 /// The streams forwarded batches travel on: one to the current leader.
-#[derive(Default)]
 struct Links {
+    peers: Peers,
     current: tokio::sync::Mutex<Option<Arc<Link>>>,
     /// Leaders that do not serve `ForwardStream` (an older version): batches go as unary calls.
     unary: Mutex<HashSet<String>>,
@@ -241,10 +239,17 @@ enum NoLink {
 }
 
 impl Links {
+    fn new(peers: Peers) -> Self {
+        Self {
+            peers,
+            current: Default::default(),
+            unary: Default::default(),
+        }
+    }
+
     /// Runs `commands` on `leader` (at `addr`) as one batch.
     async fn send(
         &self,
-        peers: &Peers,
         leader: NodeId,
         addr: &str,
         commands: Vec<serde_bytes::ByteBuf>,
@@ -256,16 +261,16 @@ impl Links {
             .expect("forward link set poisoned")
             .contains(addr);
         if unary {
-            return send_unary(peers, leader, addr, commands, deadline).await;
+            return send_unary(&self.peers, leader, addr, commands, deadline).await;
         }
         let mut commands = commands;
         // A stream that ended between the batch's lookup and its send (the leader restarted, or
         // an answer timed out) is replaced once.
         for _ in 0..2 {
-            let link = match self.link(peers, addr, deadline).await {
+            let link = match self.link(addr, deadline).await {
                 Ok(link) => link,
                 Err(NoLink::Unimplemented) => {
-                    return send_unary(peers, leader, addr, commands, deadline).await;
+                    return send_unary(&self.peers, leader, addr, commands, deadline).await;
                 }
                 Err(NoLink::Failed(e)) => return Err(e),
             };
@@ -280,12 +285,7 @@ impl Links {
 
     /// The open stream to `addr`, opening one if there is none (or only an ended one, or one
     /// to a former leader, which is closed by dropping it).
-    async fn link(
-        &self,
-        peers: &Peers,
-        addr: &str,
-        deadline: Instant,
-    ) -> std::result::Result<Arc<Link>, NoLink> {
+    async fn link(&self, addr: &str, deadline: Instant) -> std::result::Result<Arc<Link>, NoLink> {
         let mut current = self.current.lock().await;
         if let Some(link) = current.as_ref()
             && link.addr == addr
@@ -294,7 +294,7 @@ impl Links {
             return Ok(link.clone());
         }
         *current = None;
-        match Link::open(peers, addr, deadline).await {
+        match Link::open(&self.peers, addr, deadline).await {
             Ok(link) => {
                 *current = Some(link.clone());
                 Ok(link)
