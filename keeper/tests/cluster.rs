@@ -447,7 +447,15 @@ async fn full_restart_keeps_every_acknowledged_key() {
         .get("k/", Some(GetOptions::new().with_prefix()))
         .await
         .unwrap();
-    assert_eq!(all.kvs().len(), 300);
+    // The first read after the restart must already see the last write: a restarted leader that
+    // restored its leadership answered ReadIndex with its lagging stored committed id, and this
+    // read missed k/0299 about once in 30 runs under load.
+    let keys: Vec<&str> = all.kvs().iter().map(|kv| kv.key_str().unwrap()).collect();
+    let missing: Vec<String> = (0..300)
+        .map(|i| format!("k/{i:04}"))
+        .filter(|k| !keys.contains(&k.as_str()))
+        .collect();
+    assert!(missing.is_empty(), "missing after the restart: {missing:?}");
     assert_eq!(all.kvs()[299].value_str().unwrap(), "v299");
     c.wait_converged().await.unwrap();
 }

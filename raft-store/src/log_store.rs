@@ -12,7 +12,9 @@
 //! - `save_committed` only notes the committed id; it is written in the same batch as the next
 //!   append (and when the store closes). openraft allows a stored committed id that lags: a
 //!   restarted node applies up to it and learns the rest from the leader. A RocksDB write of its
-//!   own on every commit cost 2-3% of a node's CPU under load.
+//!   own on every commit cost 2-3% of a node's CPU under load. Because it lags, a restarted
+//!   leader must not restore its leadership (`enable_leader_restore` is off in node.rs): it
+//!   would answer ReadIndex with the lagging id.
 //!
 //! Recently appended entries are also kept in memory ([`RecentEntries`]): the state machine reads
 //! every committed entry back to apply it, and the leader reads every entry to replicate it, just

@@ -140,6 +140,11 @@ impl<M: StateMachine> RaftNode<M> {
             max_in_snapshot_log_to_keep: config.keep_logs_after_snapshot,
             max_payload_entries: 128,
             enable_pre_vote: Some(true),
+            // A restarted leader must win a new election before it serves: its stored committed
+            // id lags (see log_store), so a restored leadership would answer ReadIndex with that
+            // stale id and a linearizable read could miss writes acknowledged before the crash.
+            // The election appends a fresh no-op, and reads wait until it is applied.
+            enable_leader_restore: Some(false),
             ..Default::default()
         }
         .validate()
@@ -586,6 +591,35 @@ mod tests {
             assert_eq!(node.write(n).await.unwrap(), n * (n + 1) / 2);
         }
         node
+    }
+
+    #[tokio::test]
+    async fn a_reopened_leader_wins_a_new_election_before_it_leads() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let node = node_with_writes(dir.path(), 3).await;
+        let term = node.term();
+        assert_eq!(node.leader(), Some(1));
+        node.shutdown().await.unwrap();
+        drop(node);
+
+        let node = RaftNode::open(NodeConfig::new(1, dir.path()), Counter::default())
+            .await
+            .unwrap();
+        let mut status = node.inner.status_rx.clone();
+        let led = tokio::time::timeout(
+            Duration::from_secs(10),
+            status.wait_for(|s| s.leader == Some(1)),
+        )
+        .await
+        .expect("the node elects itself")
+        .unwrap()
+        .term;
+        // Restoring the old leadership would keep the term (and its stale committed id).
+        assert_eq!(led, term + 1);
+        // The new term's no-op commits the writes from before the restart.
+        node.read_barrier().await.unwrap();
+        assert_eq!(node.read(|c| c.total), 6);
+        node.shutdown().await.unwrap();
     }
 
     #[tokio::test]
