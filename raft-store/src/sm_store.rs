@@ -2,7 +2,7 @@
 //!
 //! The application state lives in memory behind a lock; durability comes from the log plus the
 //! latest snapshot, which is kept in a file of its own next to the RocksDB directory
-//! (`<data_dir>/raft-snapshot`, see [`write_snapshot`]). On open, the snapshot is restored and
+//! (`<data_dir>/raft-snapshot`, see [`SnapshotFile`]). On open, the snapshot is restored and
 //! openraft replays the log entries after it.
 
 use std::io;
@@ -66,37 +66,39 @@ pub(crate) struct Shared<M> {
 /// openraft's handle on the state machine. Cheap to clone.
 pub struct SmStore<M> {
     pub(crate) shared: Arc<Shared<M>>,
-    db: Arc<DB>,
-    /// The snapshot file.
-    path: Arc<PathBuf>,
-    /// A snapshot an older version kept in RocksDB is still there: the next snapshot written
-    /// deletes it (once, not on every snapshot).
-    legacy: Arc<AtomicBool>,
+    snapshots: Arc<SnapshotFile>,
 }
 
 impl<M> Clone for SmStore<M> {
     fn clone(&self) -> Self {
         Self {
             shared: self.shared.clone(),
-            db: self.db.clone(),
-            path: self.path.clone(),
-            legacy: self.legacy.clone(),
+            snapshots: self.snapshots.clone(),
         }
     }
+}
+
+/// Where a node's latest snapshot is stored: a file in its data directory, or (written by an
+/// older version) two keys in RocksDB.
+struct SnapshotFile {
+    db: Arc<DB>,
+    path: PathBuf,
+    /// A snapshot an older version kept in RocksDB is still there: the next snapshot written
+    /// deletes it (once, not on every snapshot).
+    legacy: AtomicBool,
 }
 
 impl<M: StateMachine> SmStore<M> {
     /// Loads the latest snapshot (if any) of the node whose data directory is `dir` into `sm`.
     pub(crate) fn open(db: Arc<DB>, dir: &Path, mut sm: M) -> crate::Result<Self> {
-        let path = dir.join(SNAPSHOT_FILE);
+        let snapshots = SnapshotFile::open(db, dir).map_err(Error::storage)?;
         let mut last_applied = None;
         let mut membership = StoredMembership::default();
-        if let Some(snapshot) = read_snapshot(&db, &path).map_err(Error::storage)? {
+        if let Some(snapshot) = snapshots.read().map_err(Error::storage)? {
             sm.restore(&snapshot.snapshot).map_err(Error::Codec)?;
             last_applied = snapshot.meta.last_log_id;
             membership = snapshot.meta.last_membership;
         }
-        let legacy = has_legacy_snapshot(&db).map_err(Error::storage)?;
         let applied_index = last_applied.as_ref().map(|id| id.index()).unwrap_or(0);
         let (applied_tx, _) = watch::channel(applied_index);
         Ok(Self {
@@ -108,9 +110,7 @@ impl<M: StateMachine> SmStore<M> {
                 }),
                 applied_tx,
             }),
-            db,
-            path: Arc::new(path),
-            legacy: Arc::new(AtomicBool::new(legacy)),
+            snapshots: Arc::new(snapshots),
         })
     }
 
@@ -122,29 +122,42 @@ impl<M: StateMachine> SmStore<M> {
     }
 }
 
-/// The latest stored snapshot: the file, or else one kept in RocksDB by an older version.
-fn read_snapshot(db: &DB, path: &Path) -> Result<Option<Snapshot>, String> {
-    match std::fs::read(path) {
-        Ok(bytes) => return parse_snapshot(bytes, path).map(Some),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("reading {}: {e}", path.display())),
+impl SnapshotFile {
+    /// The snapshot store of the node whose data directory is `dir`.
+    fn open(db: Arc<DB>, dir: &Path) -> Result<Self, String> {
+        let legacy = has_legacy_snapshot(&db)?;
+        Ok(Self {
+            db,
+            path: dir.join(SNAPSHOT_FILE),
+            legacy: AtomicBool::new(legacy),
+        })
     }
-    let cf = db.cf_handle(CF_SNAPSHOT).expect("snapshot column family");
-    let Some(meta) = db
-        .get_cf(cf, KEY_SNAPSHOT_META)
-        .map_err(|e| e.to_string())?
-    else {
-        return Ok(None);
-    };
-    let meta: SnapshotMeta = decode(&meta)?;
-    let data = db
-        .get_cf(cf, KEY_SNAPSHOT_DATA)
-        .map_err(|e| e.to_string())?
-        .ok_or("snapshot metadata without data")?;
-    Ok(Some(Snapshot {
-        meta,
-        snapshot: data,
-    }))
+
+    /// The latest stored snapshot: the file, or else one kept in RocksDB by an older version.
+    fn read(&self) -> Result<Option<Snapshot>, String> {
+        let (db, path) = (&self.db, &self.path);
+        match std::fs::read(path) {
+            Ok(bytes) => return parse_snapshot(bytes, path).map(Some),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("reading {}: {e}", path.display())),
+        }
+        let cf = db.cf_handle(CF_SNAPSHOT).expect("snapshot column family");
+        let Some(meta) = db
+            .get_cf(cf, KEY_SNAPSHOT_META)
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(None);
+        };
+        let meta: SnapshotMeta = decode(&meta)?;
+        let data = db
+            .get_cf(cf, KEY_SNAPSHOT_DATA)
+            .map_err(|e| e.to_string())?
+            .ok_or("snapshot metadata without data")?;
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: data,
+        }))
+    }
 }
 
 /// Whether either key of an older version's snapshot is still in RocksDB (a crash between the
@@ -294,86 +307,81 @@ impl Write for PacedFile {
     }
 }
 
-/// Stores a snapshot durably: `meta` (encoded) and the data `fill` writes. Returns the data's
-/// size. Blocking: run it off the async workers.
-///
-/// The data streams into the file through a 1 MiB buffer, so a snapshot of any size costs no
-/// memory of its size: an in-memory copy of a 30 MB state was 30 MB of freshly faulted pages per
-/// snapshot, and zeroing those was most of a snapshot's CPU (docs/benchmarks.md, "Session 10").
-/// The file is written under a temporary name, synced and then renamed over the previous one (and
-/// the directory synced), so a crash leaves the old snapshot or the new one, whole. Kept in
-/// RocksDB, as before, tens of megabytes were copied into a memtable, compressed into an SST and
-/// written again on every snapshot; a file is written once. Meta and data share the file, so they
-/// always match.
-fn store_snapshot(
-    db: &DB,
-    path: &Path,
-    legacy: &AtomicBool,
-    meta: &[u8],
-    fill: impl FnOnce(&mut dyn Write) -> io::Result<()>,
-) -> io::Result<u64> {
-    let tmp = path.with_extension("tmp");
-    let failed = |what: &str, e: io::Error| {
-        io::Error::new(
-            e.kind(),
-            format!("{what} snapshot file {}: {e}", tmp.display()),
-        )
-    };
-    let write = || -> io::Result<u64> {
-        let mut file = std::fs::File::create(&tmp)?;
-        // The header comes last, once the lengths and the checksum are known.
-        file.write_all(&[0; SNAPSHOT_HEADER])?;
-        let mut out =
-            io::BufWriter::with_capacity(PACE_STEP, PacedFile::new(file, SNAPSHOT_HEADER as u64));
-        out.write_all(meta)?;
-        fill(&mut out)?;
-        let mut paced = out.into_inner().map_err(|e| e.into_error())?;
-        paced.write_back();
-        let data_len = paced.offset - (SNAPSHOT_HEADER + meta.len()) as u64;
-        let mut header = Vec::with_capacity(SNAPSHOT_HEADER);
-        header.extend_from_slice(SNAPSHOT_MAGIC);
-        header.extend_from_slice(&(meta.len() as u64).to_le_bytes());
-        header.extend_from_slice(&data_len.to_le_bytes());
-        header.extend_from_slice(&paced.hasher.digest().to_le_bytes());
-        let mut file = paced.file;
-        file.seek(io::SeekFrom::Start(0))?;
-        file.write_all(&header)?;
-        file.sync_all()?;
+impl SnapshotFile {
+    /// Stores a snapshot durably: `meta` (encoded) and the data `fill` writes. Returns the data's
+    /// size. Blocking: run it off the async workers.
+    ///
+    /// The data streams into the file through a 1 MiB buffer, so a snapshot of any size costs no
+    /// memory of its size: an in-memory copy of a 30 MB state was 30 MB of freshly faulted pages per
+    /// snapshot, and zeroing those was most of a snapshot's CPU (docs/benchmarks.md, "Session 10").
+    /// The file is written under a temporary name, synced and then renamed over the previous one (and
+    /// the directory synced), so a crash leaves the old snapshot or the new one, whole. Kept in
+    /// RocksDB, as before, tens of megabytes were copied into a memtable, compressed into an SST and
+    /// written again on every snapshot; a file is written once. Meta and data share the file, so they
+    /// always match.
+    fn store(
+        &self,
+        meta: &[u8],
+        fill: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+    ) -> io::Result<u64> {
+        let (db, path) = (&self.db, &self.path);
+        let tmp = path.with_extension("tmp");
+        let failed = |what: &str, e: io::Error| {
+            io::Error::new(
+                e.kind(),
+                format!("{what} snapshot file {}: {e}", tmp.display()),
+            )
+        };
+        let write = || -> io::Result<u64> {
+            let mut file = std::fs::File::create(&tmp)?;
+            // The header comes last, once the lengths and the checksum are known.
+            file.write_all(&[0; SNAPSHOT_HEADER])?;
+            let mut out = io::BufWriter::with_capacity(
+                PACE_STEP,
+                PacedFile::new(file, SNAPSHOT_HEADER as u64),
+            );
+            out.write_all(meta)?;
+            fill(&mut out)?;
+            let mut paced = out.into_inner().map_err(|e| e.into_error())?;
+            paced.write_back();
+            let data_len = paced.offset - (SNAPSHOT_HEADER + meta.len()) as u64;
+            let mut header = Vec::with_capacity(SNAPSHOT_HEADER);
+            header.extend_from_slice(SNAPSHOT_MAGIC);
+            header.extend_from_slice(&(meta.len() as u64).to_le_bytes());
+            header.extend_from_slice(&data_len.to_le_bytes());
+            header.extend_from_slice(&paced.hasher.digest().to_le_bytes());
+            let mut file = paced.file;
+            file.seek(io::SeekFrom::Start(0))?;
+            file.write_all(&header)?;
+            file.sync_all()?;
+            Ok(data_len)
+        };
+        let data_len = write().map_err(|e| failed("writing", e))?;
+        std::fs::rename(&tmp, path).map_err(|e| failed("renaming", e))?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| failed("syncing the directory of", e))?;
+        }
+        // A snapshot an older version kept in RocksDB is superseded now.
+        if self.legacy.load(Ordering::Relaxed) {
+            let cf = db.cf_handle(CF_SNAPSHOT).expect("snapshot column family");
+            db.delete_cf(cf, KEY_SNAPSHOT_META)
+                .map_err(io::Error::other)?;
+            db.delete_cf(cf, KEY_SNAPSHOT_DATA)
+                .map_err(io::Error::other)?;
+            self.legacy.store(false, Ordering::Relaxed);
+        }
         Ok(data_len)
-    };
-    let data_len = write().map_err(|e| failed("writing", e))?;
-    std::fs::rename(&tmp, path).map_err(|e| failed("renaming", e))?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| failed("syncing the directory of", e))?;
     }
-    // A snapshot an older version kept in RocksDB is superseded now.
-    if legacy.load(Ordering::Relaxed) {
-        let cf = db.cf_handle(CF_SNAPSHOT).expect("snapshot column family");
-        db.delete_cf(cf, KEY_SNAPSHOT_META)
-            .map_err(io::Error::other)?;
-        db.delete_cf(cf, KEY_SNAPSHOT_DATA)
-            .map_err(io::Error::other)?;
-        legacy.store(false, Ordering::Relaxed);
-    }
-    Ok(data_len)
-}
 
-/// Stores a snapshot received whole (from the leader) with [`store_snapshot`].
-async fn write_snapshot(
-    db: Arc<DB>,
-    path: Arc<PathBuf>,
-    legacy: Arc<AtomicBool>,
-    meta: &SnapshotMeta,
-    data: Vec<u8>,
-) -> io::Result<()> {
-    let meta = encode(meta).map_err(io::Error::other)?;
-    tokio::task::spawn_blocking(move || {
-        store_snapshot(&db, &path, &legacy, &meta, |out| out.write_all(&data)).map(drop)
-    })
-    .await
-    .map_err(io::Error::other)?
+    /// Stores a snapshot received whole (from the leader) with [`SnapshotFile::store`].
+    async fn write(self: Arc<Self>, meta: &SnapshotMeta, data: Vec<u8>) -> io::Result<()> {
+        let meta = encode(meta).map_err(io::Error::other)?;
+        tokio::task::spawn_blocking(move || self.store(&meta, |out| out.write_all(&data)).map(drop))
+            .await
+            .map_err(io::Error::other)?
+    }
 }
 
 impl<M: StateMachine> RaftSnapshotBuilder<TypeConfig> for SmStore<M> {
@@ -396,11 +404,9 @@ impl<M: StateMachine> RaftSnapshotBuilder<TypeConfig> for SmStore<M> {
         };
         let started = std::time::Instant::now();
         let encoded_meta = encode(&meta).map_err(io::Error::other)?;
-        let (db, path, legacy) = (self.db.clone(), self.path.clone(), self.legacy.clone());
+        let snapshots = self.snapshots.clone();
         let bytes = in_background("raft-snapshot", move || {
-            store_snapshot(&db, &path, &legacy, &encoded_meta, |out| {
-                M::write_frozen(frozen, out)
-            })
+            snapshots.store(&encoded_meta, |out| M::write_frozen(frozen, out))
         })
         .await??;
         tracing::info!(
@@ -493,14 +499,7 @@ impl<M: StateMachine> RaftStateMachine<TypeConfig> for SmStore<M> {
             state.last_applied = meta.last_log_id;
             state.membership = meta.last_membership.clone();
         }
-        write_snapshot(
-            self.db.clone(),
-            self.path.clone(),
-            self.legacy.clone(),
-            meta,
-            snapshot,
-        )
-        .await?;
+        self.snapshots.clone().write(meta, snapshot).await?;
         let index = meta.last_log_id.as_ref().map(|id| id.index()).unwrap_or(0);
         self.shared.applied_tx.send_replace(index);
         tracing::info!(last_log_id = ?meta.last_log_id, "installed snapshot");
@@ -508,8 +507,8 @@ impl<M: StateMachine> RaftStateMachine<TypeConfig> for SmStore<M> {
     }
 
     async fn get_current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
-        let (db, path) = (self.db.clone(), self.path.clone());
-        tokio::task::spawn_blocking(move || read_snapshot(&db, &path))
+        let snapshots = self.snapshots.clone();
+        tokio::task::spawn_blocking(move || snapshots.read())
             .await
             .map_err(io::Error::other)?
             .map_err(io::Error::other)
@@ -551,16 +550,18 @@ mod tests {
     async fn snapshot_file_round_trips_and_rejects_damage() {
         let dir = tempfile::TempDir::new().unwrap();
         let db = crate::db::open(dir.path()).unwrap();
-        let path = Arc::new(dir.path().join(SNAPSHOT_FILE));
-        assert!(read_snapshot(&db, &path).unwrap().is_none());
+        let snapshots = Arc::new(SnapshotFile::open(db, dir.path()).unwrap());
+        let path = snapshots.path.clone();
+        assert!(snapshots.read().unwrap().is_none());
 
         // Over two pacing steps, so a step boundary falls inside the data.
         let data: Vec<u8> = (0..2_500_000u32).map(|i| (i % 251) as u8).collect();
-        let legacy = Arc::new(AtomicBool::new(false));
-        write_snapshot(db.clone(), path.clone(), legacy, &meta(7), data.clone())
+        snapshots
+            .clone()
+            .write(&meta(7), data.clone())
             .await
             .unwrap();
-        let back = read_snapshot(&db, &path).unwrap().expect("stored");
+        let back = snapshots.read().unwrap().expect("stored");
         assert_eq!(back.meta, meta(7));
         assert_eq!(back.snapshot, data);
         assert!(!path.with_extension("tmp").exists());
@@ -569,13 +570,13 @@ mod tests {
         let mut flipped = good.clone();
         *flipped.last_mut().unwrap() ^= 1;
         std::fs::write(path.as_path(), &flipped).unwrap();
-        let err = read_snapshot(&db, &path).unwrap_err();
+        let err = snapshots.read().unwrap_err();
         assert!(err.contains("checksum mismatch"), "{err}");
         std::fs::write(path.as_path(), &good[..good.len() - 10]).unwrap();
-        let err = read_snapshot(&db, &path).unwrap_err();
+        let err = snapshots.read().unwrap_err();
         assert!(err.contains("file holds"), "{err}");
         std::fs::write(path.as_path(), b"garbage").unwrap();
-        let err = read_snapshot(&db, &path).unwrap_err();
+        let err = snapshots.read().unwrap_err();
         assert!(err.contains("not a snapshot"), "{err}");
     }
 
@@ -585,30 +586,25 @@ mod tests {
     async fn snapshot_kept_in_rocksdb_by_an_older_version_is_read_then_superseded() {
         let dir = tempfile::TempDir::new().unwrap();
         let db = crate::db::open(dir.path()).unwrap();
-        let path = Arc::new(dir.path().join(SNAPSHOT_FILE));
         let cf = db.cf_handle(CF_SNAPSHOT).unwrap();
         db.put_cf(cf, KEY_SNAPSHOT_META, encode(&meta(3)).unwrap())
             .unwrap();
         db.put_cf(cf, KEY_SNAPSHOT_DATA, b"old state").unwrap();
-        let old = read_snapshot(&db, &path).unwrap().expect("legacy snapshot");
+        let snapshots = Arc::new(SnapshotFile::open(db.clone(), dir.path()).unwrap());
+        let old = snapshots.read().unwrap().expect("legacy snapshot");
         assert_eq!((old.meta, old.snapshot), (meta(3), b"old state".to_vec()));
-        let legacy = Arc::new(AtomicBool::new(has_legacy_snapshot(&db).unwrap()));
-        assert!(legacy.load(Ordering::Relaxed));
+        assert!(snapshots.legacy.load(Ordering::Relaxed));
 
-        write_snapshot(
-            db.clone(),
-            path.clone(),
-            legacy.clone(),
-            &meta(9),
-            b"new state".to_vec(),
-        )
-        .await
-        .unwrap();
+        snapshots
+            .clone()
+            .write(&meta(9), b"new state".to_vec())
+            .await
+            .unwrap();
         assert!(db.get_cf(cf, KEY_SNAPSHOT_DATA).unwrap().is_none());
         // Deleted once: later snapshots leave RocksDB alone.
-        assert!(!legacy.load(Ordering::Relaxed));
+        assert!(!snapshots.legacy.load(Ordering::Relaxed));
         assert!(!has_legacy_snapshot(&db).unwrap());
-        std::fs::remove_file(path.as_path()).unwrap();
-        assert!(read_snapshot(&db, &path).unwrap().is_none());
+        std::fs::remove_file(&snapshots.path).unwrap();
+        assert!(snapshots.read().unwrap().is_none());
     }
 }
