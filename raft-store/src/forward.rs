@@ -87,10 +87,10 @@ type BatchOutcome = std::result::Result<Vec<ForwardReply>, ForwardError>;
 /// it took ~8% less keeper CPU per put and did 3-8% more puts with the same p99.
 const MAX_IN_FLIGHT: usize = 1;
 /// Upper bounds of one batch, so a batch stays well under the peer message limit.
-const MAX_BATCH_WRITES: usize = 512;
-const MAX_BATCH_BYTES: usize = 8 << 20;
+pub(crate) const MAX_BATCH_WRITES: usize = 512;
+pub(crate) const MAX_BATCH_BYTES: usize = 8 << 20;
 /// Writes waiting for a batch; callers wait (backpressure) when it is full.
-const QUEUE: usize = 4096;
+pub(crate) const QUEUE: usize = 4096;
 
 struct PendingWrite {
     leader: NodeId,

@@ -26,6 +26,7 @@ use crate::forward::ForwardReply;
 use crate::forward::Forwarded;
 use crate::forward::WriteBatcher;
 use crate::forward::forward_unary;
+use crate::local_writes::LocalWrites;
 use crate::log_store::LogStore;
 use crate::network::Peers;
 use crate::sm_store::SmStore;
@@ -105,6 +106,8 @@ pub(crate) struct Inner<M: StateMachine> {
     pub(crate) peers: Peers,
     /// Forwarded writes leave for the leader in batches (see `forward.rs`).
     batcher: WriteBatcher,
+    /// Writes made while this node leads enter Raft in batches too (see `local_writes.rs`).
+    pub(crate) local: LocalWrites,
     status_rx: watch::Receiver<NodeStatus>,
     /// Set once the node's server starts shutting down: the `ForwardStream`s followers hold
     /// open to this node then end (see [`RaftNode::close_peer_streams`]).
@@ -184,12 +187,14 @@ impl<M: StateMachine> RaftNode<M> {
         });
 
         let batcher = WriteBatcher::start(peers.clone());
+        let local = LocalWrites::start(raft.clone());
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
                 raft,
                 sm: sm_store,
                 batcher,
+                local,
                 peers,
                 status_rx,
                 peer_streams_closed: watch::channel(false).0,
@@ -362,6 +367,9 @@ impl<M: StateMachine> RaftNode<M> {
                 (status.leader, addr)
             };
             let attempt = match (leader, leader_addr, &request) {
+                (Some(leader), _, Forwarded::Write(command)) if leader == self.id() => {
+                    self.inner.local.write(command.clone()).await
+                }
                 (Some(leader), _, _) if leader == self.id() => {
                     self.inner.handle_forwarded(request.clone()).await
                 }
@@ -619,6 +627,31 @@ mod tests {
         // The new term's no-op commits the writes from before the restart.
         node.read_barrier().await.unwrap();
         assert_eq!(node.read(|c| c.total), 6);
+        node.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_leaders_concurrent_writes_enter_raft_in_batches() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let node = node_with_writes(dir.path(), 1).await;
+        let before = node.inner.local.batches();
+        let writes: Vec<_> = (2..=65u64)
+            .map(|n| {
+                let node = node.clone();
+                tokio::spawn(async move { node.write(n).await.unwrap() })
+            })
+            .collect();
+        let mut totals = Vec::new();
+        for write in writes {
+            totals.push(write.await.unwrap());
+        }
+        // Each write was applied once, in some order: 64 distinct running totals up to the sum.
+        totals.sort_unstable();
+        totals.dedup();
+        assert_eq!(totals.len(), 64);
+        assert_eq!(node.read(|c| c.total), 65 * 66 / 2);
+        let batches = node.inner.local.batches() - before;
+        assert!(batches <= 4, "64 concurrent writes took {batches} batches");
         node.shutdown().await.unwrap();
     }
 
