@@ -6,8 +6,8 @@
 //! leader made 57 000 appends of one entry each (openraft's runtime stats), against 10 000
 //! appends of ~14 entries when every client sat on a follower and each write came in a forwarded
 //! batch. Queued here and proposed together (`client_write_many`), the writes that arrive
-//! together share those steps: 7-8% less keeper CPU per put at 64 clients and no added latency
-//! at 1 or 16 (docs/benchmarks.md, session 11).
+//! together share those steps: 5.5% less keeper CPU per put and 4% more puts at 64 clients, no
+//! added latency at 1 or 16 (docs/benchmarks.md, "Session 11").
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -48,7 +48,8 @@ impl LocalWrites {
     }
 
     /// Proposes `command` with the writes queued alongside it and returns what applying it
-    /// produced. `NotLeader` when this node no longer leads (nothing was proposed).
+    /// produced, or `NotLeader` as a single `client_write` would (the node no longer led, or the
+    /// entry was truncated away).
     pub(crate) async fn write(&self, command: Vec<u8>) -> ForwardReply {
         let stopped = || ForwardError::Failed("node stopped".into());
         let (reply, rx) = oneshot::channel();
