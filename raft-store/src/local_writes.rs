@@ -19,9 +19,8 @@ use tokio::sync::oneshot;
 use crate::StateMachine;
 use crate::forward::ForwardError;
 use crate::forward::ForwardReply;
-use crate::forward::MAX_BATCH_BYTES;
-use crate::forward::MAX_BATCH_WRITES;
 use crate::forward::QUEUE;
+use crate::forward::take_batch;
 use crate::node::write_many;
 use crate::sm_store::SmStore;
 use crate::types::Raft;
@@ -75,17 +74,7 @@ async fn run<M: StateMachine>(
         // The first write woke this task; the writers that are ready to run come first, so the
         // writes that arrive together leave together. No timer: a lone write waits for nothing.
         tokio::task::yield_now().await;
-        let mut bytes = first.command.len();
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH_WRITES && bytes < MAX_BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(p) => {
-                    bytes += p.command.len();
-                    batch.push(p);
-                }
-                Err(_) => break,
-            }
-        }
+        let (batch, _) = take_batch(&mut rx, first, |p| p.command.len(), |_, _| true);
         batches.fetch_add(1, Ordering::Relaxed);
         // Batches do not wait for each other: the next one is proposed while this one commits.
         let raft = raft.clone();
