@@ -230,7 +230,7 @@ pub struct CommandAck {
 
 /// Now as RFC 3339 in UTC with second precision (`2026-11-25T17:40:00Z`).
 pub fn now_rfc3339() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    rfc3339(chrono::Utc::now().timestamp())
 }
 
 /// Seconds since the Unix epoch as RFC 3339 in UTC (the epoch itself for a time out of range).
