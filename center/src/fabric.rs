@@ -15,13 +15,13 @@ use std::time::Duration;
 
 use longlink_common::SlotMap;
 use longlink_common::slot_of;
+use longlink_proto::OneWrite;
 use longlink_proto::registerpb;
 use longlink_proto::registerpb::register_client::RegisterClient;
 use longlink_proto::roompb;
 use longlink_proto::roompb::room_client::RoomClient;
 use tokio::sync::Semaphore;
 use tokio::sync::watch;
-use tonic::transport::Channel;
 use tonic::transport::Endpoint;
 
 use crate::coalesce::Lane;
@@ -68,6 +68,9 @@ struct Gate {
     /// Callers waiting for a permit; past the cap a call fails fast instead of queueing.
     waiting: AtomicUsize,
 }
+
+/// A channel to a register or room; unary calls go out in one write (`OneWrite`).
+type Channel = OneWrite<tonic::transport::Channel>;
 
 /// Clients toward registers and rooms. Channels are created lazily and kept per address.
 pub struct Fabric {
@@ -137,6 +140,7 @@ impl Fabric {
             .connect_timeout(self.rpc_timeout())
             .tcp_nodelay(true)
             .connect_lazy();
+        let channel = OneWrite::new(channel);
         channels.insert(addr.to_owned(), channel.clone());
         Ok(channel)
     }

@@ -1,7 +1,12 @@
-//! Generated gRPC types: the etcd v3 API the keeper serves and the internal Raft peer service.
+//! Generated gRPC types: the etcd v3 API the keeper serves and the internal Raft peer service,
+//! and [`OneWrite`], the channel wrapper every client of these services uses.
 //!
 //! The modules are siblings at the crate root because prost refers to other
 //! packages by relative path (`super::mvccpb::KeyValue`).
+
+mod one_write;
+
+pub use one_write::OneWrite;
 
 /// etcd key-value types (`mvccpb`).
 #[allow(clippy::all)]

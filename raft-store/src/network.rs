@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use futures::Stream;
 use futures::StreamExt;
+use longlink_proto::OneWrite;
 use longlink_proto::raftpb::RaftMessage;
 use longlink_proto::raftpb::SnapshotChunk;
 use longlink_proto::raftpb::raft_peer_client::RaftPeerClient;
@@ -96,6 +97,9 @@ impl AppendWindow {
     }
 }
 
+/// A client of one peer's Raft service; unary calls go out in one write (`OneWrite`).
+pub type PeerClient = RaftPeerClient<OneWrite<Channel>>;
+
 /// Peer channels, shared by Raft replication and by application forwarding.
 #[derive(Clone, Default)]
 pub struct Peers {
@@ -104,7 +108,7 @@ pub struct Peers {
 
 impl Peers {
     /// A client for the peer at `addr` (host:port); connects lazily and reconnects by itself.
-    pub fn client(&self, addr: &str) -> RaftPeerClient<Channel> {
+    pub fn client(&self, addr: &str) -> PeerClient {
         let mut channels = self.channels.lock().expect("peer channel map poisoned");
         let channel = channels
             .entry(addr.to_string())
@@ -118,7 +122,7 @@ impl Peers {
                     .connect_lazy()
             })
             .clone();
-        RaftPeerClient::new(channel)
+        RaftPeerClient::new(OneWrite::new(channel))
             .max_decoding_message_size(MAX_PEER_MESSAGE)
             .max_encoding_message_size(MAX_PEER_MESSAGE)
     }
@@ -138,7 +142,7 @@ impl RaftNetworkFactory<TypeConfig> for Peers {
 /// openraft's connection to one peer.
 pub struct PeerConnection {
     target: NodeId,
-    client: RaftPeerClient<Channel>,
+    client: PeerClient,
 }
 
 fn status_to_rpc(target: NodeId, status: tonic::Status) -> RpcError {
@@ -177,7 +181,7 @@ impl PeerConnection {
     where
         Req: serde::Serialize,
         Resp: serde::de::DeserializeOwned,
-        F: FnOnce(RaftPeerClient<Channel>, RaftMessage) -> Fut,
+        F: FnOnce(PeerClient, RaftMessage) -> Fut,
         Fut: Future<Output = Result<tonic::Response<RaftMessage>, tonic::Status>>,
     {
         let msg = Self::message(req)?;

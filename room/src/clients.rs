@@ -5,7 +5,10 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tonic::transport::Channel;
+use longlink_proto::OneWrite;
+
+/// A channel to another service's instance; unary calls go out in one write (`OneWrite`).
+pub type Channel = OneWrite<tonic::transport::Channel>;
 
 /// How long a connection attempt to another service may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -40,14 +43,14 @@ impl<C: Clone> Clients<C> {
         } else {
             format!("http://{addr}")
         };
-        let channel = Channel::from_shared(url)
+        let channel = tonic::transport::Channel::from_shared(url)
             .ok()?
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(self.timeout)
             .initial_stream_window_size(longlink_common::GRPC_STREAM_WINDOW)
             .initial_connection_window_size(longlink_common::GRPC_CONNECTION_WINDOW)
             .connect_lazy();
-        let client = (self.make)(channel);
+        let client = (self.make)(OneWrite::new(channel));
         by_id.insert(id.to_string(), (addr.to_string(), client.clone()));
         Some(client)
     }

@@ -16,12 +16,12 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::clients::Channel;
 use longlink_proto::centerpb;
 use longlink_proto::centerpb::coordinator_client::CoordinatorClient;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use crate::clients::Clients;
 use crate::hub::DeviceEvent;

@@ -14,6 +14,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::clients::Channel;
 use futures::future::BoxFuture;
 use longlink_common::SLOTS;
 use longlink_common::SlotMap;
@@ -24,7 +25,6 @@ use tokio::sync::mpsc;
 use tokio::sync::oneshot;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use crate::clients::Clients;
 use crate::hub::Hub;

@@ -7,6 +7,7 @@ use anyhow::Context;
 use anyhow::anyhow;
 use keeper_sdk::ConnectOptions;
 use keeper_sdk::Keeper;
+use keeper_sdk::proto::OneWrite;
 use longlink_proto::etcdserverpb::Compare;
 use longlink_proto::etcdserverpb::DeleteRangeRequest;
 use longlink_proto::etcdserverpb::PutRequest;
@@ -17,7 +18,6 @@ use longlink_proto::etcdserverpb::cluster_client::ClusterClient;
 use longlink_proto::etcdserverpb::compare;
 use longlink_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use longlink_proto::etcdserverpb::request_op;
-use tonic::transport::Channel;
 use tonic::transport::Endpoint;
 
 /// One key as keeperctl shows it.
@@ -78,7 +78,7 @@ impl Client {
     }
 
     /// The Cluster API on the current endpoint, for `member` (bound each call with [`Self::bounded`]).
-    pub fn cluster(&self) -> ClusterClient<Channel> {
+    pub fn cluster(&self) -> ClusterClient<keeper_sdk::Channel> {
         self.keeper.clients().cluster
     }
 
@@ -163,7 +163,7 @@ impl Client {
 pub async fn maintenance_of(
     endpoint: &str,
     timeout: Duration,
-) -> anyhow::Result<MaintenanceClient<Channel>> {
+) -> anyhow::Result<MaintenanceClient<keeper_sdk::Channel>> {
     let channel = Endpoint::from_shared(endpoint_url(endpoint))
         .with_context(|| format!("bad endpoint {endpoint:?}"))?
         .connect_timeout(timeout)
@@ -171,7 +171,7 @@ pub async fn maintenance_of(
         .connect()
         .await
         .map_err(|e| anyhow!("{endpoint}: {}", source_chain(&e)))?;
-    Ok(MaintenanceClient::new(channel))
+    Ok(MaintenanceClient::new(OneWrite::new(channel)))
 }
 
 /// Compare: `key`'s mod_revision is `rev` (0 = the key does not exist).

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::conn::Channel;
 use longlink_proto::etcdserverpb::Compare;
 use longlink_proto::etcdserverpb::DeleteRangeRequest;
 use longlink_proto::etcdserverpb::PutRequest;
@@ -23,7 +24,6 @@ use longlink_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use longlink_proto::etcdserverpb::request_op::Request;
 use longlink_proto::etcdserverpb::watch_client::WatchClient;
 use longlink_proto::mvccpb;
-use tonic::transport::Channel;
 
 use crate::conn::Conn;
 use crate::error::Error;

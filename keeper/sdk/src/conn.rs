@@ -4,13 +4,17 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
+use longlink_proto::OneWrite;
 use tokio::time::Instant;
-use tonic::transport::Channel;
 use tonic::transport::Endpoint;
 
 use crate::backoff::Backoff;
 use crate::error::Error;
 use crate::error::Result;
+
+/// A channel to one keeper endpoint whose unary requests go out in one write (see
+/// `longlink_proto::OneWrite`).
+pub type Channel = OneWrite<tonic::transport::Channel>;
 
 /// How long a connect attempt to one endpoint may take before we try the next.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -64,7 +68,7 @@ impl Conn {
                 .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
                 .keep_alive_while_idle(true)
                 .connect_lazy();
-            channels.push((e.clone(), channel));
+            channels.push((e.clone(), OneWrite::new(channel)));
         }
         Ok(Self {
             channels,

@@ -24,6 +24,7 @@ pub use commands::Command;
 pub use commands::CommandStream;
 pub use config::ConfigHandle;
 pub use config::parse_document;
+pub use conn::Channel;
 pub use discovery::Discovery;
 pub use discovery::Instance;
 pub use discovery::Registration;
