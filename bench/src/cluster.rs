@@ -6,6 +6,14 @@ use std::time::Duration;
 use anyhow::Context;
 use etcd_client::Client;
 use etcd_client::ConnectOptions;
+use longlink_proto::OneWrite;
+use longlink_proto::etcdserverpb::kv_client::KvClient;
+use tonic::transport::Channel;
+use tonic::transport::Endpoint;
+
+/// The KV client of the put and get phases: the generated one over a plain channel, each unary
+/// request sent in one write (as etcd's Go client does; see `longlink_proto::OneWrite`).
+pub type Kv = KvClient<OneWrite<Channel>>;
 
 pub struct Cluster {
     /// Full URLs. Connection `k` goes to `endpoints[k % len]`; the leader is last, so a lone
@@ -55,6 +63,26 @@ impl Cluster {
     /// the endpoints, for unary requests.
     pub async fn connect(&self, count: usize) -> anyhow::Result<Vec<Client>> {
         self.connect_with(count, Some(self.timeout)).await
+    }
+
+    /// `count` KV clients on independent HTTP/2 connections, round robin over the endpoints, for
+    /// the closed-loop phases. Connected before they are returned, so that no phase measures
+    /// connection set-up.
+    pub async fn connect_kv(&self, count: usize) -> anyhow::Result<Vec<Kv>> {
+        let mut clients = Vec::with_capacity(count);
+        for k in 0..count {
+            let endpoint = &self.endpoints[k % self.endpoints.len()];
+            let channel = Endpoint::from_shared(endpoint.clone())
+                .with_context(|| format!("bad endpoint {endpoint}"))?
+                .connect_timeout(Duration::from_secs(5))
+                .timeout(self.timeout)
+                .tcp_nodelay(true)
+                .connect()
+                .await
+                .with_context(|| format!("cannot connect to {endpoint}"))?;
+            clients.push(KvClient::new(OneWrite::new(channel)));
+        }
+        Ok(clients)
     }
 
     /// Like [`Cluster::connect`], without the request timeout, which would otherwise also bound

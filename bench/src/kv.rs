@@ -1,10 +1,11 @@
 //! The put and get requests of the closed-loop phases, and the keys they use.
 
 use anyhow::Context;
-use etcd_client::GetOptions;
-use etcd_client::KvClient;
+use longlink_proto::etcdserverpb::PutRequest;
+use longlink_proto::etcdserverpb::RangeRequest;
 
 use crate::cluster::Cluster;
+use crate::cluster::Kv;
 
 /// One request of a closed-loop phase; each client issues them back to back.
 pub enum Op {
@@ -18,7 +19,7 @@ pub enum Op {
 impl Op {
     pub async fn execute(
         &self,
-        kv: &mut KvClient,
+        kv: &mut Kv,
         client: usize,
         seq: u64,
         rng: &mut Rng,
@@ -29,16 +30,27 @@ impl Op {
                 value,
             } => {
                 let key = format!("bench/put/{}/{seq}", first_client + client);
-                kv.put(key, value.clone(), None).await?;
+                kv.put(PutRequest {
+                    key: key.into_bytes(),
+                    value: value.clone(),
+                    ..Default::default()
+                })
+                .await?;
             }
             Op::Get { keys, serializable } => {
                 let key = get_key(rng.below(*keys));
-                let options = serializable.then(|| GetOptions::new().with_serializable());
-                let response = kv.get(key.as_str(), options).await?;
+                let response = kv
+                    .range(RangeRequest {
+                        key: key.clone().into_bytes(),
+                        serializable: *serializable,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
                 anyhow::ensure!(
-                    response.kvs().len() == 1,
+                    response.kvs.len() == 1,
                     "get {key} returned {} keys",
-                    response.kvs().len()
+                    response.kvs.len()
                 );
             }
         }

@@ -48,7 +48,7 @@ pub async fn run(
 ) -> anyhow::Result<PhaseResult> {
     anyhow::ensure!(clients > 0, "{name}: needs at least one client");
     let connections = clients.min(MAX_CONNECTIONS);
-    let conns = cluster.connect(connections).await?;
+    let conns = cluster.connect_kv(connections).await?;
     let op = Arc::new(op);
     let counted = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
@@ -57,7 +57,7 @@ pub async fn run(
 
     let mut tasks = JoinSet::new();
     for client in 0..clients {
-        let mut kv = conns[client % connections].kv_client();
+        let mut kv = conns[client % connections].clone();
         let op = op.clone();
         let counted = counted.clone();
         tasks.spawn(async move {
