@@ -23,6 +23,10 @@ pub enum KeeperError {
     NoLeader,
     #[error("etcdserver: request timed out")]
     Timeout,
+    /// The write may or may not have been applied (etcd's `ErrLeaderChanged`); clients must
+    /// not assume either.
+    #[error("etcdserver: leader changed")]
+    LeaderChanged,
     #[error("etcdserver: member not found")]
     MemberNotFound,
     #[error("{0}")]
@@ -36,6 +40,7 @@ impl From<raft_store::Error> for KeeperError {
         match e {
             raft_store::Error::NoLeader => KeeperError::NoLeader,
             raft_store::Error::Timeout(_) => KeeperError::Timeout,
+            raft_store::Error::LeaderChanged => KeeperError::LeaderChanged,
             raft_store::Error::LeaderUnreachable { .. } => KeeperError::Unavailable(e.to_string()),
             raft_store::Error::Raft(m) if m.contains("not found") => KeeperError::MemberNotFound,
             other => KeeperError::Internal(other.to_string()),
@@ -53,12 +58,26 @@ impl From<KeeperError> for Status {
                 _ => Code::InvalidArgument,
             },
             KeeperError::Limit(_) | KeeperError::InvalidArgument(_) => Code::InvalidArgument,
-            KeeperError::NoLeader | KeeperError::Timeout | KeeperError::Unavailable(_) => {
-                Code::Unavailable
-            }
+            KeeperError::NoLeader
+            | KeeperError::Timeout
+            | KeeperError::LeaderChanged
+            | KeeperError::Unavailable(_) => Code::Unavailable,
             KeeperError::MemberNotFound => Code::NotFound,
             KeeperError::Internal(_) => Code::Internal,
         };
         Status::new(code, e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_of_unknown_outcome_is_etcds_leader_changed() {
+        let status = Status::from(KeeperError::from(raft_store::Error::LeaderChanged));
+        // etcd's Go client does not retry a mutation on this: it may have been applied.
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(status.message(), "etcdserver: leader changed");
     }
 }

@@ -21,6 +21,10 @@ pub enum Error {
     /// The request did not finish in time.
     #[error("timed out after {0:?}")]
     Timeout(std::time::Duration),
+    /// The leader changed while the write was pending and it may or may not have been applied:
+    /// not retried, since applying it twice could be wrong (etcd's "leader changed").
+    #[error("leader changed while the write was pending; it may or may not have been applied")]
+    LeaderChanged,
     /// A membership change was refused.
     #[error("membership change refused: {0}")]
     Membership(String),

@@ -21,6 +21,7 @@ use crate::forward::ForwardError;
 use crate::forward::ForwardReply;
 use crate::forward::QUEUE;
 use crate::forward::take_batch;
+use crate::log_store::Purges;
 use crate::node::write_many;
 use crate::sm_store::SmStore;
 use crate::types::Raft;
@@ -39,10 +40,10 @@ pub(crate) struct LocalWrites {
 }
 
 impl LocalWrites {
-    pub(crate) fn start<M: StateMachine>(raft: Raft<SmStore<M>>) -> Self {
+    pub(crate) fn start<M: StateMachine>(raft: Raft<SmStore<M>>, purges: Purges) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         let batches = Arc::new(AtomicU64::new(0));
-        tokio::spawn(run(raft, rx, batches.clone()));
+        tokio::spawn(run(raft, purges, rx, batches.clone()));
         LocalWrites { tx, batches }
     }
 
@@ -67,6 +68,7 @@ impl LocalWrites {
 
 async fn run<M: StateMachine>(
     raft: Raft<SmStore<M>>,
+    purges: Purges,
     mut rx: mpsc::Receiver<Pending>,
     batches: Arc<AtomicU64>,
 ) {
@@ -78,10 +80,12 @@ async fn run<M: StateMachine>(
         batches.fetch_add(1, Ordering::Relaxed);
         // Batches do not wait for each other: the next one is proposed while this one commits.
         let raft = raft.clone();
+        let purges = purges.clone();
         tokio::spawn(async move {
             let (commands, replies): (Vec<_>, Vec<_>) =
                 batch.into_iter().map(|p| (p.command, p.reply)).unzip();
-            for (reply, answer) in replies.into_iter().zip(write_many(&raft, commands).await) {
+            let answers = write_many(&raft, &purges, commands).await;
+            for (reply, answer) in replies.into_iter().zip(answers) {
                 let _ = reply.send(answer);
             }
         });

@@ -28,6 +28,8 @@ use std::ops::Bound;
 use std::ops::RangeBounds;
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 
 use openraft::LogState;
@@ -67,6 +69,29 @@ pub struct LogStore {
     /// Appends waiting for the group-commit fsync; shared by all clones.
     flusher: Arc<Flusher>,
     recent: Arc<Mutex<RecentEntries>>,
+    purges: Purges,
+}
+
+/// How many times the log was purged; shared with the code that proposes writes.
+///
+/// openraft answers a pending write whose entry a purge removed with "forward to leader", the
+/// answer it gives a write it never accepted. That happens on a former leader that installs a
+/// snapshot while its own proposals wait: the snapshot may well contain them (the new leader
+/// committed them), so such a write may have been applied. openraft purges the log before it
+/// answers those writes, so a "not leader" that arrives after the count moved may be one of
+/// them, and must not be retried on the new leader (it could apply twice). See
+/// [`crate::node::write_many`].
+#[derive(Clone, Default)]
+pub(crate) struct Purges(Arc<AtomicU64>);
+
+impl Purges {
+    pub(crate) fn count(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    fn record(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 /// The newest entries of the log, contiguous by index, as appended (the log's tail in memory).
@@ -218,7 +243,13 @@ impl LogStore {
             db,
             flusher,
             recent: Arc::default(),
+            purges: Purges::default(),
         }
+    }
+
+    /// The purge count of this store (and every clone of it).
+    pub(crate) fn purges(&self) -> Purges {
+        self.purges.clone()
     }
 
     fn recent(&self) -> std::sync::MutexGuard<'_, RecentEntries> {
@@ -395,6 +426,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> io::Result<()> {
+        // Counted first: whatever openraft answers after this purge sees the new count.
+        self.purges.record();
         // The purge marker goes first: openraft ignores logs at or below it, so a crash between
         // the two writes leaves only ignorable garbage.
         self.put_meta(KEY_LAST_PURGED, &log_id)?;
@@ -420,6 +453,18 @@ mod tests {
 
     fn indexes(entries: &[Entry]) -> Vec<u64> {
         entries.iter().map(|e| e.index()).collect()
+    }
+
+    #[tokio::test]
+    async fn purges_are_counted_across_clones() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let mut store = LogStore::new(crate::db::open(dir.path()).unwrap());
+        let purges = store.purges();
+        let clone = store.clone();
+        assert_eq!(purges.count(), 0);
+        store.purge(log_id::<TypeConfig>(1, 1, 3)).await.unwrap();
+        assert_eq!(purges.count(), 1);
+        assert_eq!(clone.purges().count(), 1);
     }
 
     #[test]

@@ -28,6 +28,7 @@ use crate::forward::WriteBatcher;
 use crate::forward::forward_unary;
 use crate::local_writes::LocalWrites;
 use crate::log_store::LogStore;
+use crate::log_store::Purges;
 use crate::network::Peers;
 use crate::sm_store::SmStore;
 use crate::types::Command;
@@ -108,6 +109,8 @@ pub(crate) struct Inner<M: StateMachine> {
     batcher: WriteBatcher,
     /// Writes made while this node leads enter Raft in batches too (see `local_writes.rs`).
     pub(crate) local: LocalWrites,
+    /// The log store's purge count: tells a retryable "not leader" from an ambiguous one.
+    pub(crate) purges: Purges,
     status_rx: watch::Receiver<NodeStatus>,
     /// Set once the node's server starts shutting down: the `ForwardStream`s followers hold
     /// open to this node then end (see [`RaftNode::close_peer_streams`]).
@@ -133,6 +136,7 @@ impl<M: StateMachine> RaftNode<M> {
     pub async fn open(config: NodeConfig, sm: M) -> Result<Self> {
         let db = crate::db::open(&config.data_dir)?;
         let log_store = LogStore::new(db.clone());
+        let purges = log_store.purges();
         let sm_store = SmStore::open(db, &config.data_dir, sm)?;
         let raft_config = Config {
             cluster_name: "longlink".into(),
@@ -187,7 +191,7 @@ impl<M: StateMachine> RaftNode<M> {
         });
 
         let batcher = WriteBatcher::start(peers.clone());
-        let local = LocalWrites::start(raft.clone());
+        let local = LocalWrites::start(raft.clone(), purges.clone());
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
@@ -195,6 +199,7 @@ impl<M: StateMachine> RaftNode<M> {
                 sm: sm_store,
                 batcher,
                 local,
+                purges,
                 peers,
                 status_rx,
                 peer_streams_closed: watch::channel(false).0,
@@ -391,14 +396,7 @@ impl<M: StateMachine> RaftNode<M> {
             let last_error = match attempt {
                 Ok(reply) => return Ok(reply),
                 Err(ForwardError::Failed(reason)) => {
-                    return Err(match leader {
-                        Some(leader)
-                            if leader != self.id() && reason.starts_with("unreachable") =>
-                        {
-                            Error::LeaderUnreachable { leader, reason }
-                        }
-                        _ => Error::Raft(reason),
-                    });
+                    return Err(forward_failure(reason, leader, self.id()));
                 }
                 Err(ForwardError::NotLeader(_)) => Error::NoLeader,
             };
@@ -417,14 +415,15 @@ impl<M: StateMachine> Inner<M> {
     pub(crate) async fn handle_forwarded(&self, request: Forwarded) -> ForwardReply {
         match request {
             Forwarded::Write(bytes) => {
+                let before = self.purges.count();
                 let written = self.raft.client_write(Command(bytes)).await;
                 written
                     .map(|r: ClientWriteResponse<TypeConfig>| r.data)
-                    .map_err(write_error)
+                    .map_err(|e| write_error(e, &self.purges, before))
             }
             Forwarded::Writes(commands) => {
                 let commands = commands.into_iter().map(|c| c.into_vec()).collect();
-                let replies = write_many(&self.raft, commands).await;
+                let replies = write_many(&self.raft, &self.purges, commands).await;
                 encode(&replies).map_err(ForwardError::Failed)
             }
             Forwarded::ReadIndex => {
@@ -440,19 +439,22 @@ impl<M: StateMachine> Inner<M> {
                     })?;
                 encode(&linearizer.read_log_id().index()).map_err(ForwardError::Failed)
             }
-            Forwarded::AddLearner { id, addr } => self
-                .raft
-                .add_learner(id, BasicNode { addr }, false)
-                .await
-                .map(|_| Vec::new())
-                .map_err(write_error),
+            Forwarded::AddLearner { id, addr } => {
+                let before = self.purges.count();
+                self.raft
+                    .add_learner(id, BasicNode { addr }, false)
+                    .await
+                    .map(|_| Vec::new())
+                    .map_err(|e| write_error(e, &self.purges, before))
+            }
             Forwarded::Promote { id } => {
                 self.check_caught_up(id)?;
+                let before = self.purges.count();
                 self.raft
                     .change_membership(ChangeMembers::AddVoterIds([id].into()), true)
                     .await
                     .map(|_| Vec::new())
-                    .map_err(write_error)
+                    .map_err(|e| write_error(e, &self.purges, before))
             }
             Forwarded::Remove { id } => {
                 let status = self.status_rx.borrow().clone();
@@ -463,11 +465,12 @@ impl<M: StateMachine> Inner<M> {
                 } else {
                     return Err(ForwardError::Failed(format!("member {id} not found")));
                 };
+                let before = self.purges.count();
                 self.raft
                     .change_membership(change, false)
                     .await
                     .map(|_| Vec::new())
-                    .map_err(write_error)
+                    .map_err(|e| write_error(e, &self.purges, before))
             }
         }
     }
@@ -501,13 +504,43 @@ impl<M: StateMachine> Inner<M> {
     }
 }
 
+/// What a write answered "not leader" fails with, instead of being retried, when it may have been
+/// applied (see [`Purges`]). A string inside `ForwardError::Failed`, so that it crosses the wire
+/// to followers of any version; the follower turns it into [`Error::LeaderChanged`].
+pub(crate) const LEADER_CHANGED: &str =
+    "leader changed while the write was pending; it may or may not have been applied";
+
+/// The error a request that failed on the leader (`leader`, as this node `me` saw it) ends with.
+fn forward_failure(reason: String, leader: Option<NodeId>, me: NodeId) -> Error {
+    match leader {
+        _ if reason == LEADER_CHANGED => Error::LeaderChanged,
+        Some(leader) if leader != me && reason.starts_with("unreachable") => {
+            Error::LeaderUnreachable { leader, reason }
+        }
+        _ => Error::Raft(reason),
+    }
+}
+
+/// openraft's "forward to leader" for a request proposed when the purge count was `before`:
+/// retryable `NotLeader`, unless the log was purged since, when the request may have been
+/// applied after all.
+fn not_leader(purges: &Purges, before: u64, leader: Option<NodeId>) -> ForwardError {
+    if purges.count() == before {
+        ForwardError::NotLeader(leader)
+    } else {
+        ForwardError::Failed(LEADER_CHANGED.into())
+    }
+}
+
 /// Proposes `commands` as one batch (one message to the Raft core instead of one each) and
 /// answers each, in order, once applied.
 pub(crate) async fn write_many<M: StateMachine>(
     raft: &Raft<SmStore<M>>,
+    purges: &Purges,
     commands: Vec<Vec<u8>>,
 ) -> Vec<ForwardReply> {
     let count = commands.len();
+    let before = purges.count();
     let mut replies: Vec<ForwardReply> = match raft
         .client_write_many(commands.into_iter().map(Command))
         .await
@@ -516,7 +549,7 @@ pub(crate) async fn write_many<M: StateMachine>(
             stream
                 .map(|written| match written {
                     Ok(Ok(w)) => Ok(w.response),
-                    Ok(Err(forward)) => Err(ForwardError::NotLeader(forward.leader_id)),
+                    Ok(Err(forward)) => Err(not_leader(purges, before, forward.leader_id)),
                     Err(fatal) => Err(ForwardError::Failed(fatal.to_string())),
                 })
                 .collect()
@@ -531,10 +564,14 @@ pub(crate) async fn write_many<M: StateMachine>(
     replies
 }
 
-fn write_error(e: OpenraftError<TypeConfig, ClientWriteError<TypeConfig>>) -> ForwardError {
+fn write_error(
+    e: OpenraftError<TypeConfig, ClientWriteError<TypeConfig>>,
+    purges: &Purges,
+    before: u64,
+) -> ForwardError {
     match e {
         OpenraftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
-            ForwardError::NotLeader(f.leader_id)
+            not_leader(purges, before, f.leader_id)
         }
         other => ForwardError::Failed(other.to_string()),
     }
@@ -652,6 +689,49 @@ mod tests {
         assert_eq!(node.read(|c| c.total), 65 * 66 / 2);
         let batches = node.inner.local.batches() - before;
         assert!(batches <= 4, "64 concurrent writes took {batches} batches");
+        node.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_not_leader_answer_after_a_purge_is_not_retried() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let mut config = NodeConfig::new(1, dir.path());
+        config.keep_logs_after_snapshot = 0;
+        let node = RaftNode::open(config, Counter::default()).await.unwrap();
+        node.initialize(&BTreeMap::from([(1, "127.0.0.1:1".to_string())]))
+            .await
+            .unwrap();
+        for n in 1..=5 {
+            node.write(n).await.unwrap();
+        }
+        let purges = node.inner.purges.clone();
+        let before = purges.count();
+        // Nothing purged since the write was proposed: "not leader" is retried elsewhere.
+        assert!(matches!(
+            not_leader(&purges, before, Some(2)),
+            ForwardError::NotLeader(Some(2))
+        ));
+
+        // A snapshot purges the log it covers, through the log store that counts purges.
+        node.trigger_snapshot().await.unwrap();
+        let mut metrics = node.inner.raft.metrics();
+        let purged = async {
+            while metrics.borrow_and_update().purged.is_none() {
+                metrics.changed().await.unwrap();
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), purged)
+            .await
+            .expect("the snapshot purges the log");
+        assert!(purges.count() > before);
+        // Now the entry may have been inside a snapshot: the caller learns that the outcome is
+        // unknown, on this node and on a follower that forwarded the write.
+        let ForwardError::Failed(reason) = not_leader(&purges, before, Some(2)) else {
+            panic!("a not-leader answer after a purge must not be retryable");
+        };
+        let error = forward_failure(reason, Some(2), 1);
+        assert!(matches!(error, Error::LeaderChanged), "{error}");
+        assert!(!error.is_retryable());
         node.shutdown().await.unwrap();
     }
 

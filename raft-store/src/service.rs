@@ -205,7 +205,7 @@ impl<M: StateMachine> RaftPeer for PeerService<M> {
                 async move {
                     let batch: StreamedBatch = decode_msg(&msg?)?;
                     let commands = batch.commands.into_iter().map(|c| c.into_vec()).collect();
-                    let replies = write_many(&node.inner.raft, commands).await;
+                    let replies = write_many(&node.inner.raft, &node.inner.purges, commands).await;
                     let answer = StreamedReplies {
                         seq: batch.seq,
                         replies,
