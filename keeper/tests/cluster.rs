@@ -576,3 +576,37 @@ async fn concurrent_writes_through_a_follower_each_get_their_own_reply() {
         );
     }
 }
+
+/// A leader whose followers are gone cannot confirm a linearizable read. The read asks again
+/// until the request timeout and then fails as etcd's "request timed out" (Unavailable: a client
+/// may retry), not as an internal error on the first failed confirmation.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unconfirmed_linearizable_read_times_out_as_unavailable() {
+    let mut c = cluster("request_timeout_ms = 1500\n").await;
+    let leader = c.leader().await.unwrap();
+    let mut client = c.client_for(&[leader]).await.unwrap();
+    client.put("/q", "1", None).await.unwrap();
+    for id in 1..=3 {
+        if id != leader {
+            c.kill9(id);
+        }
+    }
+    let started = Instant::now();
+    let err = client.get("/q", None).await.unwrap_err();
+    let etcd_client::Error::GRpcStatus(status) = err else {
+        panic!("expected a gRPC status, got {err}");
+    };
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eq!(status.message(), "etcdserver: request timed out");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "the read gave up after {:?}, before its timeout",
+        started.elapsed()
+    );
+    // The leader's own copy still answers serializable reads.
+    let local = client
+        .get("/q", Some(GetOptions::new().with_serializable()))
+        .await
+        .unwrap();
+    assert_eq!(local.kvs()[0].value(), b"1");
+}

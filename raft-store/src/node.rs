@@ -395,6 +395,16 @@ impl<M: StateMachine> RaftNode<M> {
             };
             let last_error = match attempt {
                 Ok(reply) => return Ok(reply),
+                Err(ForwardError::Failed(reason)) if reason == LEADERSHIP_UNCONFIRMED => {
+                    // A ReadIndex (the only request that fails so) changes nothing: ask again
+                    // shortly. A quorum that stays silent ends in a timeout, as in etcd.
+                    let now = tokio::time::Instant::now();
+                    if now >= deadline {
+                        return Err(Error::Timeout(timeout));
+                    }
+                    tokio::time::sleep_until(deadline.min(now + READ_INDEX_RETRY)).await;
+                    continue;
+                }
                 Err(ForwardError::Failed(reason)) => {
                     return Err(forward_failure(reason, leader, self.id()));
                 }
@@ -435,6 +445,12 @@ impl<M: StateMachine> Inner<M> {
                         OpenraftError::APIError(
                             openraft::errors::LinearizableReadError::ForwardToLeader(f),
                         ) => ForwardError::NotLeader(f.leader_id),
+                        OpenraftError::APIError(
+                            openraft::errors::LinearizableReadError::QuorumNotEnough(q),
+                        ) => {
+                            tracing::debug!(error = %q, "read index: leadership not confirmed");
+                            ForwardError::Failed(LEADERSHIP_UNCONFIRMED.into())
+                        }
                         other => ForwardError::Failed(other.to_string()),
                     })?;
                 encode(&linearizer.read_log_id().index()).map_err(ForwardError::Failed)
@@ -503,6 +519,14 @@ impl<M: StateMachine> Inner<M> {
         Ok(())
     }
 }
+
+/// What the leader answers a ReadIndex with when a quorum did not confirm its leadership in time
+/// (heartbeats answered late by busy or unreachable followers). A string inside
+/// `ForwardError::Failed`, so that it crosses the wire to followers of any version.
+pub(crate) const LEADERSHIP_UNCONFIRMED: &str = "leadership not confirmed by a quorum in time";
+
+/// How long a ReadIndex whose leadership check failed waits before it asks again.
+const READ_INDEX_RETRY: Duration = Duration::from_millis(20);
 
 /// What a write answered "not leader" fails with, instead of being retried, when it may have been
 /// applied (see [`Purges`]). A string inside `ForwardError::Failed`, so that it crosses the wire
