@@ -9,6 +9,7 @@
 //! [`KeeperState::revision`] with what each watcher has seen and reads the new events.
 
 mod command;
+mod key;
 mod lease;
 mod mvcc;
 mod txn;

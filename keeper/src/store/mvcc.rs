@@ -14,6 +14,7 @@ use imbl::Vector;
 use serde::{Deserialize, Serialize};
 
 use super::command::{Result, StoreError};
+use super::key::Key;
 
 /// etcd `mvccpb.KeyValue`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -265,7 +266,7 @@ pub(crate) struct DeleteOutcome {
 pub(crate) struct Mvcc {
     /// Every key with a retained change, live or deleted. A persistent map, so that a snapshot
     /// can take a copy in O(1) while applies wait and encode it after they resume.
-    keys: OrdMap<Vec<u8>, KeyHistory>,
+    keys: OrdMap<Key, KeyHistory>,
     /// One element per revision in `max(compact_revision, 2)..=revision`, ascending: every
     /// revision after the initial one was made by exactly one command that changed something.
     changes: Vector<Change>,
@@ -329,7 +330,7 @@ impl Mvcc {
             .flatten()
             .filter_map(move |(key, history)| {
                 history.visible_at(revision).map(|(entry, live)| KvRef {
-                    key,
+                    key: key.as_bytes(),
                     mod_revision: entry.revision,
                     live,
                 })
@@ -399,13 +400,16 @@ impl Mvcc {
         let sub = batch_sub(batch);
         let revision = batch.revision;
         // One map traversal for a key that exists, two (a miss, then the insert) for a new one:
-        // the map's entry API walks the tree three times, and with many keys sharing a long
-        // prefix each step of a walk is a memcmp of that prefix.
+        // the map's entry API walks the tree three times. Searching by `Key` rather than by
+        // bytes lets each step compare the inline heads first (see key.rs).
+        let key = Key::new(key);
         let outcome = match self.keys.get_mut(&key) {
             Some(history) => {
                 let prev = history.latest_live();
                 let prev_kv = match prev {
-                    Some((entry, live)) if want_prev => Some(entry.to_kv(&key, live, false)),
+                    Some((entry, live)) if want_prev => {
+                        Some(entry.to_kv(key.as_bytes(), live, false))
+                    }
                     _ => None,
                 };
                 let prev_lease = prev.map_or(0, |(_, live)| live.lease);
@@ -444,15 +448,17 @@ impl Mvcc {
                         live: Some(Live::created(value, revision, lease)),
                     }],
                 };
-                self.keys.insert(key.clone(), history);
-                PutOutcome {
+                let bytes = key.as_bytes().to_vec();
+                self.keys.insert(key, history);
+                batch.keys.push(bytes);
+                return PutOutcome {
                     prev_kv: None,
                     prev_lease: 0,
                     lease,
-                }
+                };
             }
         };
-        batch.keys.push(key);
+        batch.keys.push(key.into_bytes());
         outcome
     }
 
@@ -472,7 +478,7 @@ impl Mvcc {
             .keys
             .range::<_, [u8]>(bounds)
             .filter(|(_, history)| history.latest_live().is_some())
-            .map(|(key, _)| key.clone())
+            .map(|(key, _)| key.as_bytes().to_vec())
             .collect();
         for key in targets {
             let Some(history) = self.keys.get_mut(&key[..]) else {
@@ -631,6 +637,7 @@ impl Mvcc {
                 continue;
             };
             // Lengths first so (key, value) boundaries cannot shift between different states.
+            let key = key.as_bytes();
             hasher.update(&(key.len() as u64).to_le_bytes());
             hasher.update(key);
             hasher.update(&(live.value.len() as u64).to_le_bytes());
