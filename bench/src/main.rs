@@ -23,6 +23,12 @@ use clap::Subcommand;
 
 use crate::results::SystemResults;
 
+/// mimalloc instead of glibc malloc: the load generator shares the machine with the servers it
+/// measures, and every request allocates and frees a handful of small buffers across threads
+/// (malloc and free were ~8% of its CPU); measured in docs/benchmarks.md, session 12.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Benchmarks keeper against etcd through the etcd v3 API.
 #[derive(Debug, Parser)]
 #[command(version, about)]
