@@ -2,13 +2,14 @@
 # Keeper CPU per put. Starts 3 keepers on loopback, runs keeper-bench's put phases against them,
 # stops at the end of the last put phase and prints the keepers' CPU time (utime + stime from
 # /proc/<pid>/stat, whole run including warm-ups) per 1000 measured puts, their context switches
-# and the machine's idle share. Throughput of single runs moves ±10% on a small box; CPU per put
+# and the machine's idle share, and the load generator's own CPU per 1000 puts. Throughput of single runs moves ±10% on a small box; CPU per put
 # resolves 5% differences. Compare two binaries or settings by alternating runs of this script
 # (docs/benchmarks.md, sessions 8 and 9).
 #
 #   scripts/keeper-put-cpu.sh                                    # puts at 64 clients for 10 s
 #   scripts/keeper-put-cpu.sh --put-clients 16,64 --duration 5s  # arguments go to keeper-bench run
 #   KEEPER_BIN=/tmp/keeper-before scripts/keeper-put-cpu.sh      # another keeper binary
+#   BENCH_BIN=/tmp/keeper-bench-before scripts/keeper-put-cpu.sh # another keeper-bench binary
 #   CLIENTS_ON=leader scripts/keeper-put-cpu.sh                  # or followers; default all
 #   KEEPER_CONFIG=my.toml KEEP_LOGS=/tmp/logs scripts/keeper-put-cpu.sh
 #
@@ -23,7 +24,7 @@ log() { echo "keeper-put-cpu: $*" >&2; }
 
 bin="${CARGO_TARGET_DIR:-/var/tmp/longlink-target}/release"
 keeper="${KEEPER_BIN:-$bin/keeper}"
-bench="$bin/keeper-bench"
+bench="${BENCH_BIN:-$bin/keeper-bench}"
 for b in "$keeper" "$bench"; do
   [[ -x $b ]] || { log "$b not found: build with scripts/bench-keeper.sh or cargo build --release --workspace --bins"; exit 1; }
 done
@@ -83,15 +84,17 @@ case $clients_on in
 esac
 log "leader $leader; clients on $clients_on ($targets); bench ${args[*]}"
 
-cpu_ticks() {
+# CPU ticks (utime + stime) of the given processes.
+ticks_of() {
   local total=0 pid fields
-  for pid in "${keepers[@]}"; do
+  for pid in "$@"; do
     # Fields after the ")" that closes the command name: utime and stime are the 12th and 13th.
     read -r -a fields <<<"$(sed 's/^.*) //' "/proc/$pid/stat")"
     total=$((total + fields[11] + fields[12]))
   done
   echo "$total"
 }
+cpu_ticks() { ticks_of "${keepers[@]}"; }
 switches() {
   cat /proc/"${keepers[0]}"/task/*/status /proc/"${keepers[1]}"/task/*/status \
     /proc/"${keepers[2]}"/task/*/status 2>/dev/null | awk '/ctxt_switches/ { s += $2 } END { print s }'
@@ -106,6 +109,7 @@ while kill -0 "$bench_pid" 2>/dev/null; do
   sleep 0.2
 done
 ticks1="$(cpu_ticks)"; switches1="$(switches)"; read -r all1 idle1 <<<"$(machine)"
+bench_ticks="$(ticks_of "$bench_pid")"
 kill -TERM "$bench_pid" 2>/dev/null || true
 wait "$bench_pid" 2>/dev/null || true
 bench_pid=""
@@ -114,6 +118,7 @@ grep -E "put c=[0-9]+: done" "$work/bench.txt" | sed 's/^.*put /put /' || { log 
 puts="$(grep -oE "put c=[0-9]+: done: [0-9]+ ops" "$work/bench.txt" | awk '{ s += $4 } END { print s + 0 }')"
 ((puts > 0)) || { log "no puts were measured"; exit 1; }
 awk -v t=$((ticks1 - ticks0)) -v hz="$(getconf CLK_TCK)" -v p="$puts" -v s=$((switches1 - switches0)) \
-  -v a=$((all1 - all0)) -v i=$((idle1 - idle0)) 'BEGIN {
+  -v a=$((all1 - all0)) -v i=$((idle1 - idle0)) -v b="$bench_ticks" 'BEGIN {
   printf "keeper CPU: %.2f s for %d puts = %.2f ticks (1/%d s) per 1000 puts; context switches %d; machine idle %.1f%%\n",
-    t / hz, p, t * 1000 / p, hz, s, 100 * i / a }'
+    t / hz, p, t * 1000 / p, hz, s, 100 * i / a
+  printf "keeper-bench CPU (whole run): %.2f ticks per 1000 puts\n", b * 1000 / p }'
