@@ -610,3 +610,66 @@ async fn an_unconfirmed_linearizable_read_times_out_as_unavailable() {
         .unwrap();
     assert_eq!(local.kvs()[0].value(), b"1");
 }
+
+/// Established TCP connections that process `pid` holds to `port` on loopback (IPv4), read
+/// from /proc: the socket inodes among its open files, matched against /proc/net/tcp.
+fn connections_to(pid: u32, port: u16) -> usize {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_string_lossy().into_owned();
+            let inode = target.strip_prefix("socket:[")?.strip_suffix(']')?;
+            Some(inode.to_owned())
+        })
+        .collect();
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let remote_port = fields[2].rsplit(':').next().unwrap();
+            u16::from_str_radix(remote_port, 16).unwrap() == port
+                && fields[3] == "01"
+                && inodes.contains(fields[9])
+        })
+        .count()
+}
+
+/// Keep-alive streams proxied by a follower share one connection to the leader, however many
+/// clients keep leases alive through it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_followers_lease_proxy_shares_one_connection_to_the_leader() {
+    let c = cluster("").await;
+    let leader = c.leader().await.unwrap();
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let leader_port: u16 = c
+        .node(leader)
+        .addr
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let pid = c.node(follower).process.as_ref().unwrap().pid().unwrap();
+    let mut client = c.client_for(&[follower]).await.unwrap();
+    let before = connections_to(pid, leader_port);
+
+    let mut streams = Vec::new();
+    for _ in 0..6 {
+        let id = client.lease_grant(30, None).await.unwrap().id();
+        let (mut keeper, mut responses) = client.lease_keep_alive(id).await.unwrap();
+        keeper.keep_alive().await.unwrap();
+        let answer = responses.message().await.unwrap().unwrap();
+        assert_eq!(answer.id(), id);
+        assert!(answer.ttl() > 0, "lease {id} was not renewed");
+        streams.push((keeper, responses));
+    }
+    let after = connections_to(pid, leader_port);
+    assert!(
+        after <= before + 1,
+        "6 proxied keep-alive streams opened {} connections to the leader",
+        after - before
+    );
+}

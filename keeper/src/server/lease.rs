@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use futures::Stream;
 use futures::StreamExt;
+use longlink_proto::OneWrite;
 use longlink_proto::etcdserverpb::LeaseGrantRequest;
 use longlink_proto::etcdserverpb::LeaseGrantResponse;
 use longlink_proto::etcdserverpb::LeaseKeepAliveRequest;
@@ -159,16 +160,34 @@ pub(crate) async fn expire_loop(keeper: Arc<Keeper>) {
     }
 }
 
+/// A channel to the leader for proxied lease calls; unary calls go out in one write.
+pub(crate) type LeaderChannel = OneWrite<Channel>;
+
 impl Keeper {
-    /// A client of the leader's Lease service, for proxying from a follower.
-    async fn leader_lease_client(&self) -> Result<LeaseClient<Channel>, Status> {
+    /// A client of the leader's Lease service, for proxying from a follower. Every proxied call
+    /// and keep-alive stream shares one HTTP/2 connection to the leader (a channel per call
+    /// opened a TCP connection per client's keep-alive stream).
+    async fn leader_lease_client(&self) -> Result<LeaseClient<LeaderChannel>, Status> {
         let status = self.node.status();
         let leader = status.leader.ok_or(KeeperError::NoLeader)?;
         let addr = status.peer_addr(leader).ok_or(KeeperError::NoLeader)?;
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| KeeperError::Internal(e.to_string()))?
-            .connect_timeout(Duration::from_secs(1))
-            .connect_lazy();
+        let mut cached = self
+            .leader_channel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let channel = match &*cached {
+            Some((a, channel)) if a == addr => channel.clone(),
+            _ => {
+                let channel = Endpoint::from_shared(format!("http://{addr}"))
+                    .map_err(|e| KeeperError::Internal(e.to_string()))?
+                    .connect_timeout(Duration::from_secs(1))
+                    .tcp_nodelay(true)
+                    .connect_lazy();
+                let channel = OneWrite::new(channel);
+                *cached = Some((addr.to_string(), channel.clone()));
+                channel
+            }
+        };
         Ok(LeaseClient::new(channel))
     }
 
