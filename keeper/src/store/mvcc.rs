@@ -448,14 +448,12 @@ impl Mvcc {
                         live: Some(Live::created(value, revision, lease)),
                     }],
                 };
-                let bytes = key.as_bytes().to_vec();
-                self.keys.insert(key, history);
-                batch.keys.push(bytes);
-                return PutOutcome {
+                self.keys.insert(key.clone(), history);
+                PutOutcome {
                     prev_kv: None,
                     prev_lease: 0,
                     lease,
-                };
+                }
             }
         };
         batch.keys.push(key.into_bytes());
