@@ -421,16 +421,34 @@ impl<M: StateMachine> RaftNode<M> {
 }
 
 impl<M: StateMachine> Inner<M> {
+    /// Awaits one proposal (a write or a membership change; not yet started, as futures are
+    /// lazy) and maps its error: "not leader" is retryable unless the log was purged meanwhile
+    /// (see [`not_leader`]).
+    async fn propose<T>(
+        &self,
+        proposal: impl Future<
+            Output = std::result::Result<
+                T,
+                OpenraftError<TypeConfig, ClientWriteError<TypeConfig>>,
+            >,
+        >,
+    ) -> std::result::Result<T, ForwardError> {
+        let before = self.purges.count();
+        proposal.await.map_err(|e| match e {
+            OpenraftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                not_leader(&self.purges, before, f.leader_id)
+            }
+            other => ForwardError::Failed(other.to_string()),
+        })
+    }
+
     /// Executes a forwarded request, which must arrive at the leader.
     pub(crate) async fn handle_forwarded(&self, request: Forwarded) -> ForwardReply {
         match request {
-            Forwarded::Write(bytes) => {
-                let before = self.purges.count();
-                let written = self.raft.client_write(Command(bytes)).await;
-                written
-                    .map(|r: ClientWriteResponse<TypeConfig>| r.data)
-                    .map_err(|e| write_error(e, &self.purges, before))
-            }
+            Forwarded::Write(bytes) => self
+                .propose(self.raft.client_write(Command(bytes)))
+                .await
+                .map(|r: ClientWriteResponse<TypeConfig>| r.data),
             Forwarded::Writes(commands) => {
                 let commands = commands.into_iter().map(|c| c.into_vec()).collect();
                 let replies = write_many(&self.raft, &self.purges, commands).await;
@@ -455,22 +473,18 @@ impl<M: StateMachine> Inner<M> {
                     })?;
                 encode(&linearizer.read_log_id().index()).map_err(ForwardError::Failed)
             }
-            Forwarded::AddLearner { id, addr } => {
-                let before = self.purges.count();
-                self.raft
-                    .add_learner(id, BasicNode { addr }, false)
-                    .await
-                    .map(|_| Vec::new())
-                    .map_err(|e| write_error(e, &self.purges, before))
-            }
+            Forwarded::AddLearner { id, addr } => self
+                .propose(self.raft.add_learner(id, BasicNode { addr }, false))
+                .await
+                .map(|_| Vec::new()),
             Forwarded::Promote { id } => {
                 self.check_caught_up(id)?;
-                let before = self.purges.count();
-                self.raft
-                    .change_membership(ChangeMembers::AddVoterIds([id].into()), true)
-                    .await
-                    .map(|_| Vec::new())
-                    .map_err(|e| write_error(e, &self.purges, before))
+                self.propose(
+                    self.raft
+                        .change_membership(ChangeMembers::AddVoterIds([id].into()), true),
+                )
+                .await
+                .map(|_| Vec::new())
             }
             Forwarded::Remove { id } => {
                 let status = self.status_rx.borrow().clone();
@@ -481,12 +495,9 @@ impl<M: StateMachine> Inner<M> {
                 } else {
                     return Err(ForwardError::Failed(format!("member {id} not found")));
                 };
-                let before = self.purges.count();
-                self.raft
-                    .change_membership(change, false)
+                self.propose(self.raft.change_membership(change, false))
                     .await
                     .map(|_| Vec::new())
-                    .map_err(|e| write_error(e, &self.purges, before))
             }
         }
     }
@@ -586,19 +597,6 @@ pub(crate) async fn write_many<M: StateMachine>(
         Err(ForwardError::Failed("raft stopped before answering".into()))
     });
     replies
-}
-
-fn write_error(
-    e: OpenraftError<TypeConfig, ClientWriteError<TypeConfig>>,
-    purges: &Purges,
-    before: u64,
-) -> ForwardError {
-    match e {
-        OpenraftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
-            not_leader(purges, before, f.leader_id)
-        }
-        other => ForwardError::Failed(other.to_string()),
-    }
 }
 
 /// Raft stops for good when its storage fails (a log append, a vote or a snapshot that cannot
