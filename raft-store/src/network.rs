@@ -109,6 +109,13 @@ pub struct Peers {
 impl Peers {
     /// A client for the peer at `addr` (host:port); connects lazily and reconnects by itself.
     pub fn client(&self, addr: &str) -> PeerClient {
+        RaftPeerClient::new(self.channel(addr))
+            .max_decoding_message_size(MAX_PEER_MESSAGE)
+            .max_encoding_message_size(MAX_PEER_MESSAGE)
+    }
+
+    /// The one channel to the peer at `addr`, for any service it serves on that port.
+    pub fn channel(&self, addr: &str) -> OneWrite<Channel> {
         let mut channels = self.channels.lock().expect("peer channel map poisoned");
         let channel = channels
             .entry(addr.to_string())
@@ -122,9 +129,7 @@ impl Peers {
                     .connect_lazy()
             })
             .clone();
-        RaftPeerClient::new(OneWrite::new(channel))
-            .max_decoding_message_size(MAX_PEER_MESSAGE)
-            .max_encoding_message_size(MAX_PEER_MESSAGE)
+        OneWrite::new(channel)
     }
 }
 

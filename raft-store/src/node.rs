@@ -37,6 +37,7 @@ use crate::types::Raft;
 use crate::types::TypeConfig;
 use crate::types::decode;
 use crate::types::encode;
+use longlink_proto::OneWrite;
 
 /// How a node runs. Timing defaults suit a LAN or loopback cluster.
 #[derive(Debug, Clone)]
@@ -297,6 +298,12 @@ impl<M: StateMachine> RaftNode<M> {
     /// Status updates (leader changes, membership changes, progress).
     pub fn status_watch(&self) -> watch::Receiver<NodeStatus> {
         self.inner.status_rx.clone()
+    }
+
+    /// The channel this node's Raft traffic uses to the member at `addr` (host:port), for other
+    /// services that member serves on the same port: one connection per peer for everything.
+    pub fn peer_channel(&self, addr: &str) -> OneWrite<tonic::transport::Channel> {
+        self.inner.peers.channel(addr)
     }
 
     /// Ends the `ForwardStream`s that followers hold open to this node, after the batches in

@@ -36,7 +36,6 @@ use tonic::Response;
 use tonic::Status;
 use tonic::Streaming;
 use tonic::transport::Channel;
-use tonic::transport::Endpoint;
 
 use super::Keeper;
 use crate::error::KeeperError;
@@ -160,35 +159,16 @@ pub(crate) async fn expire_loop(keeper: Arc<Keeper>) {
     }
 }
 
-/// A channel to the leader for proxied lease calls; unary calls go out in one write.
-pub(crate) type LeaderChannel = OneWrite<Channel>;
-
 impl Keeper {
-    /// A client of the leader's Lease service, for proxying from a follower. Every proxied call
-    /// and keep-alive stream shares one HTTP/2 connection to the leader (a channel per call
-    /// opened a TCP connection per client's keep-alive stream).
-    async fn leader_lease_client(&self) -> Result<LeaseClient<LeaderChannel>, Status> {
+    /// A client of the leader's Lease service, for proxying from a follower. It rides on this
+    /// node's Raft channel to the leader (same port), so every proxied call and keep-alive stream
+    /// shares that one connection (a channel per call opened a TCP connection per client's
+    /// keep-alive stream).
+    async fn leader_lease_client(&self) -> Result<LeaseClient<OneWrite<Channel>>, Status> {
         let status = self.node.status();
         let leader = status.leader.ok_or(KeeperError::NoLeader)?;
         let addr = status.peer_addr(leader).ok_or(KeeperError::NoLeader)?;
-        let mut cached = self
-            .leader_channel
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let channel = match &*cached {
-            Some((a, channel)) if a == addr => channel.clone(),
-            _ => {
-                let channel = Endpoint::from_shared(format!("http://{addr}"))
-                    .map_err(|e| KeeperError::Internal(e.to_string()))?
-                    .connect_timeout(Duration::from_secs(1))
-                    .tcp_nodelay(true)
-                    .connect_lazy();
-                let channel = OneWrite::new(channel);
-                *cached = Some((addr.to_string(), channel.clone()));
-                channel
-            }
-        };
-        Ok(LeaseClient::new(channel))
+        Ok(LeaseClient::new(self.node.peer_channel(addr)))
     }
 
     /// Renews `id` if this node is the leader; `None` if the request must go to the leader.

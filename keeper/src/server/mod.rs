@@ -43,9 +43,6 @@ pub(crate) struct Keeper {
     pub(crate) config: KeeperConfig,
     pub(crate) leases: LeaseKeeper,
     pub(crate) shutdown: CancellationToken,
-    /// The channel to the leader's address that lease calls proxied from this follower share
-    /// (see `lease.rs`); replaced when the leader's address changes.
-    pub(crate) leader_channel: std::sync::Mutex<Option<(String, lease::LeaderChannel)>>,
     /// Lets `&self` handlers hand an owned handle to the tasks they spawn.
     weak: Weak<Keeper>,
 }
@@ -129,7 +126,6 @@ pub async fn serve(
         leases: LeaseKeeper::default(),
         config,
         shutdown: shutdown.clone(),
-        leader_channel: std::sync::Mutex::new(None),
         weak: weak.clone(),
     });
     tasks.spawn(lease::expire_loop(keeper.clone()));
