@@ -6,6 +6,13 @@
 #   scripts/bench-keeper.sh --duration 2s    # extra arguments go to `keeper-bench run`
 #   BENCH_SYSTEMS=etcd scripts/bench-keeper.sh   # only one system (keeper, etcd, or both)
 #   KEEPER_CONFIG=my.toml scripts/bench-keeper.sh # keeper settings other than the defaults
+#   BENCH_ROUNDS=5 scripts/bench-keeper.sh --put-clients 64 --get-clients 0 --watch-connections 0
+#                                            # 5 rounds of puts at 64 clients; medians
+#
+# With BENCH_ROUNDS above 1 the systems take turns (keeper first in odd rounds, etcd first in
+# even ones), each run on a fresh cluster, and the table shows each side's median and the median
+# of the rounds' ratios with their range: a shared or noisy machine drifts over minutes, and
+# runs that follow each other see the same drift.
 #
 # Results (JSON per system, the table, the table as JSON) are kept in
 # ${BENCH_OUT:-bench-out}/keeper-vs-etcd-<time>/. Server data and logs live in a temporary
@@ -21,6 +28,8 @@ for s in "${systems[@]}"; do
   [[ $s == keeper || $s == etcd ]] || { log "BENCH_SYSTEMS: unknown system '$s' (keeper, etcd)"; exit 2; }
 done
 wants() { [[ " ${systems[*]} " == *" $1 "* ]]; }
+rounds="${BENCH_ROUNDS:-1}"
+[[ $rounds =~ ^[1-9][0-9]*$ ]] || { log "BENCH_ROUNDS: '$rounds' is not a positive number of rounds"; exit 2; }
 
 scripts/setup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/longlink-target}"
@@ -145,16 +154,17 @@ start_etcd() {
   done
 }
 
-# Starts one system, waits for it, runs the workload against it, stops it.
+# Starts one system, waits for it, runs the workload against it (results in $out/<file>), stops
+# it.
 measure() {
-  local name=$1 endpoints=$2
-  shift 2
+  local name=$1 endpoints=$2 file=$3
+  shift 3
   log "$name: starting 3 nodes"
   "start_$name"
   wait_healthy "$name" "$endpoints"
   log "$name: running keeper-bench"
   # In the background so that INT/TERM reach the trap at once instead of after the run.
-  launch "$bin/keeper-bench" run --system "$name" --endpoints "$endpoints" --out "$out/$name.json" "$@"
+  launch "$bin/keeper-bench" run --system "$name" --endpoints "$endpoints" --out "$out/$file" "$@"
   wait "$!"
   log "$name: stopping"
   stop_all
@@ -164,10 +174,31 @@ fs="$(df -PT "$work" | awk 'NR == 2 { print $2 }')"
 log "machine: $(nproc) cores, data in $work ($fs), $(etcd --version | head -n 1)"
 [[ $fs != tmpfs ]] || log "warning: $work is on tmpfs, fsync is free there; set BENCH_TMPDIR to a disk"
 
-if wants keeper; then measure keeper 127.0.0.1:23791,127.0.0.1:23792,127.0.0.1:23793 "$@"; fi
-if wants etcd; then measure etcd 127.0.0.1:24791,127.0.0.1:24792,127.0.0.1:24793 "$@"; fi
+declare -A endpoints_of=(
+  [keeper]=127.0.0.1:23791,127.0.0.1:23792,127.0.0.1:23793
+  [etcd]=127.0.0.1:24791,127.0.0.1:24792,127.0.0.1:24793
+)
+for ((round = 1; round <= rounds; round++)); do
+  order=(keeper etcd)
+  ((round % 2 == 1)) || order=(etcd keeper)
+  for name in "${order[@]}"; do
+    wants "$name" || continue
+    if ((rounds == 1)); then
+      measure "$name" "${endpoints_of[$name]}" "$name.json" "$@"
+    else
+      log "round $round of $rounds: $name"
+      measure "$name" "${endpoints_of[$name]}" "$name-$(printf %03d "$round").json" "$@"
+    fi
+  done
+done
 
-results=("$out"/*.json)
+# keeper files first, then etcd, each in round order: report pairs the i-th of each.
+results=()
+for name in keeper etcd; do
+  for f in "$out/$name".json "$out/$name"-*.json; do
+    if [[ -e $f ]]; then results+=("$f"); fi
+  done
+done
 "$bin/keeper-bench" report --json "${results[@]}" >"$out/report.json"
 "$bin/keeper-bench" report "${results[@]}" | tee "$out/report.md"
 log "results in $out"

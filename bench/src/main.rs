@@ -65,7 +65,7 @@ struct RunArgs {
     /// Concurrent in-flight requests of each put phase.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
     put_clients: Vec<usize>,
-    /// Concurrent in-flight requests of the get phases.
+    /// Concurrent in-flight requests of the get phases; 0 skips them.
     #[arg(long, default_value_t = 64)]
     get_clients: usize,
     /// Keys written before the get phases; each get picks one at random.
@@ -74,7 +74,8 @@ struct RunArgs {
     /// Bytes in every value written by the put and get phases.
     #[arg(long, default_value_t = 256)]
     value_size: usize,
-    /// Watch connections; each holds `--watches-per-connection` watch streams.
+    /// Watch connections; each holds `--watches-per-connection` watch streams. 0 skips the watch
+    /// phase.
     #[arg(long, default_value_t = 10)]
     watch_connections: usize,
     /// Watch streams per watch connection, all on the same prefix.
@@ -93,7 +94,8 @@ struct RunArgs {
 
 #[derive(Debug, clap::Args)]
 struct ReportArgs {
-    /// Results written by `run` (at most one per system).
+    /// Results written by `run`. Several per system are rounds: the i-th keeper file is compared
+    /// with the i-th etcd file, and the table shows medians.
     #[arg(required = true)]
     files: Vec<PathBuf>,
     /// Print JSON (both result sets and the table rows) instead of the table.
@@ -161,8 +163,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         results.phases.push(phase);
     }
 
-    kv::prewrite(&cluster, args.get_keys, &value).await?;
-    for (name, serializable) in [("get linearizable", false), ("get serializable", true)] {
+    let get_phases = match args.get_clients {
+        0 => &[][..],
+        _ => &[("get linearizable", false), ("get serializable", true)][..],
+    };
+    if !get_phases.is_empty() {
+        kv::prewrite(&cluster, args.get_keys, &value).await?;
+    }
+    for &(name, serializable) in get_phases {
         let op = kv::Op::Get {
             keys: args.get_keys,
             serializable,
@@ -179,9 +187,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         events: args.watch_events,
         rate: args.watch_rate,
     };
-    let watched = watch::run(&cluster, &shape).await?;
-    failures.extend(watched.failure());
-    results.watch = Some(watched);
+    if shape.connections > 0 {
+        let watched = watch::run(&cluster, &shape).await?;
+        failures.extend(watched.failure());
+        results.watch = Some(watched);
+    }
 
     let json = serde_json::to_string_pretty(&results)?;
     std::fs::write(&args.out, json + "\n")

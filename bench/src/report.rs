@@ -9,11 +9,14 @@ use crate::results::SystemResults;
 
 #[derive(Debug, Serialize)]
 pub struct Report {
-    /// Headers of the table: workload, keeper, etcd (with its version), keeper/etcd.
-    pub columns: [String; 4],
+    /// Headers of the table: workload, keeper, etcd (with its version), keeper/etcd, and with
+    /// more than one round the range of the per-round ratios.
+    pub columns: Vec<String>,
+    /// Runs per system; round `i` pairs the `i`-th keeper result with the `i`-th etcd result.
+    pub rounds: usize,
     pub rows: Vec<Row>,
-    pub keeper: Option<SystemResults>,
-    pub etcd: Option<SystemResults>,
+    pub keeper: Vec<SystemResults>,
+    pub etcd: Vec<SystemResults>,
 }
 
 #[derive(Debug, Serialize)]
@@ -22,38 +25,53 @@ pub struct Row {
     pub workload: String,
     /// `ops/s`, `p50 ms`, `p99 ms`, `max ms` or `deliveries`.
     pub metric: &'static str,
+    /// The median over the rounds.
     pub keeper: Option<f64>,
     pub etcd: Option<f64>,
-    /// keeper / etcd: above 1 keeper does more ops/s, or takes longer.
+    /// keeper / etcd: above 1 keeper does more ops/s, or takes longer. With several rounds, the
+    /// median of the rounds' ratios (each round's two runs ran minutes apart at most).
     pub ratio: Option<f64>,
+    /// Each round's value, in round order (a round that lacks the row has none).
+    pub keeper_rounds: Vec<f64>,
+    pub etcd_rounds: Vec<f64>,
+    /// keeper / etcd of each round that measured both.
+    pub round_ratios: Vec<f64>,
 }
 
 impl Report {
-    /// Pairs up result sets by system; either may be missing (its column shows `-`).
+    /// Pairs up result sets by system, in the order given: the `i`-th of each system form round
+    /// `i`. Either system may be missing (its column shows `-`); when both are there, they must
+    /// have as many results each.
     pub fn build(sets: Vec<SystemResults>) -> anyhow::Result<Self> {
-        let mut keeper = None;
-        let mut etcd = None;
-        for set in sets {
-            let slot = match set.system {
-                System::Keeper => &mut keeper,
-                System::Etcd => &mut etcd,
-            };
-            anyhow::ensure!(slot.is_none(), "two result files for {}", set.system);
-            *slot = Some(set);
-        }
-        let etcd_label = match &etcd {
+        let (keeper, etcd): (Vec<_>, Vec<_>) =
+            sets.into_iter().partition(|s| s.system == System::Keeper);
+        anyhow::ensure!(
+            keeper.is_empty() || etcd.is_empty() || keeper.len() == etcd.len(),
+            "{} keeper result file(s) but {} etcd: each round needs one of each",
+            keeper.len(),
+            etcd.len()
+        );
+        let rounds = keeper.len().max(etcd.len());
+        let etcd_label = match etcd.first() {
             Some(set) => format!("etcd {}", major_minor(&set.version)),
             None => "etcd".to_owned(),
         };
-        let columns = [
+        let mut columns = vec![
             "workload".to_owned(),
             "keeper".to_owned(),
             etcd_label,
             "keeper/etcd".to_owned(),
         ];
-        let rows = rows(keeper.as_ref(), etcd.as_ref());
+        if rounds > 1 {
+            columns.push(format!("range of {rounds} rounds"));
+        }
+        let rows = (0..rounds.max(1))
+            .map(|r| rows(keeper.get(r), etcd.get(r)))
+            .reduce(merge)
+            .unwrap_or_default();
         Ok(Self {
             columns,
+            rounds,
             rows,
             keeper,
             etcd,
@@ -62,48 +80,103 @@ impl Report {
 
     /// A Markdown table (so it can be pasted into docs/benchmarks.md), columns padded to line up.
     pub fn table(&self) -> String {
-        let cells: Vec<[String; 4]> = self
+        let cells: Vec<Vec<String>> = self
             .rows
             .iter()
             .map(|row| {
-                [
+                let mut cells = vec![
                     format!("{} {}", row.workload, row.metric),
                     number(row.metric, row.keeper),
                     number(row.metric, row.etcd),
                     row.ratio
                         .map_or_else(|| "-".to_owned(), |r| format!("{r:.2}x")),
-                ]
+                ];
+                if self.rounds > 1 {
+                    let low = row.round_ratios.iter().copied().reduce(f64::min);
+                    let high = row.round_ratios.iter().copied().reduce(f64::max);
+                    cells.push(match (low, high) {
+                        (Some(low), Some(high)) => format!("{low:.2}x-{high:.2}x"),
+                        _ => "-".to_owned(),
+                    });
+                }
+                cells
             })
             .collect();
-        let mut widths = self.columns.each_ref().map(String::len);
+        let mut widths: Vec<usize> = self.columns.iter().map(String::len).collect();
         for row in &cells {
             for (width, cell) in widths.iter_mut().zip(row) {
                 *width = (*width).max(cell.len());
             }
         }
         let mut out = String::new();
-        let line = |out: &mut String, cells: &[String; 4]| {
-            let [w0, w1, w2, w3] = widths;
-            let [c0, c1, c2, c3] = cells;
-            let _ = writeln!(out, "| {c0:<w0$} | {c1:>w1$} | {c2:>w2$} | {c3:>w3$} |");
+        let line = |out: &mut String, cells: &[String]| {
+            for (i, (cell, width)) in cells.iter().zip(&widths).enumerate() {
+                let _ = match i {
+                    0 => write!(out, "| {cell:<width$} "),
+                    _ => write!(out, "| {cell:>width$} "),
+                };
+            }
+            out.push_str("|\n");
         };
         line(&mut out, &self.columns);
-        let [w0, w1, w2, w3] = widths;
-        let _ = writeln!(
-            out,
-            "|{}|{}:|{}:|{}:|",
-            "-".repeat(w0 + 2),
-            "-".repeat(w1 + 1),
-            "-".repeat(w2 + 1),
-            "-".repeat(w3 + 1)
-        );
+        for (i, width) in widths.iter().enumerate() {
+            let _ = match i {
+                0 => write!(out, "|{}", "-".repeat(width + 2)),
+                _ => write!(out, "|{}:", "-".repeat(width + 1)),
+            };
+        }
+        out.push_str("|\n");
         for row in &cells {
             line(&mut out, row);
         }
         out.push_str(
             "\nkeeper/etcd above 1.00x: keeper does more ops/s, or takes longer (latency rows).\n",
         );
+        if self.rounds > 1 {
+            let _ = writeln!(
+                out,
+                "keeper and etcd: medians of {} rounds; keeper/etcd: the median of the rounds' ratios.",
+                self.rounds
+            );
+        }
         out
+    }
+}
+
+/// Folds the rows of one more round into the rows so far: values are collected per round and
+/// the medians recomputed. Rows only one round has keep the values of the rounds that have them.
+fn merge(mut acc: Vec<Row>, next: Vec<Row>) -> Vec<Row> {
+    for row in next {
+        match acc
+            .iter_mut()
+            .find(|a| a.workload == row.workload && a.metric == row.metric)
+        {
+            Some(a) => a.absorb(row),
+            None => acc.push(row),
+        }
+    }
+    acc
+}
+
+impl Row {
+    fn absorb(&mut self, other: Row) {
+        self.round_ratios.extend(other.round_ratios);
+        self.ratio = median(&self.round_ratios);
+        self.keeper_rounds.extend(other.keeper_rounds);
+        self.etcd_rounds.extend(other.etcd_rounds);
+        self.keeper = median(&self.keeper_rounds);
+        self.etcd = median(&self.etcd_rounds);
+    }
+}
+
+fn median(values: &[f64]) -> Option<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(sorted[n / 2]),
+        _ => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
     }
 }
 
@@ -120,6 +193,9 @@ fn rows(keeper: Option<&SystemResults>, etcd: Option<&SystemResults>) -> Vec<Row
             keeper: k,
             etcd: e,
             ratio,
+            keeper_rounds: k.into_iter().collect(),
+            etcd_rounds: e.into_iter().collect(),
+            round_ratios: ratio.into_iter().collect(),
         });
     };
 
@@ -252,11 +328,44 @@ mod tests {
     }
 
     #[test]
-    fn one_file_per_system() {
-        let twice = vec![
+    fn rounds_show_medians_and_the_range_of_ratios() {
+        let report = Report::build(vec![
+            set(System::Keeper, "3.5.0", 2000.0, 1.0),
+            set(System::Etcd, "3.4.23", 1000.0, 2.0),
+            set(System::Keeper, "3.5.0", 2400.0, 1.0),
+            set(System::Etcd, "3.4.23", 1000.0, 2.0),
+            set(System::Keeper, "3.5.0", 2100.0, 3.0),
+            set(System::Etcd, "3.4.23", 1200.0, 2.0),
+        ])
+        .unwrap();
+        assert_eq!(report.rounds, 3);
+        let ops = &report.rows[0];
+        assert_eq!((ops.workload.as_str(), ops.metric), ("put c=1", "ops/s"));
+        assert_eq!(ops.keeper_rounds, [2000.0, 2400.0, 2100.0]);
+        // Medians per system, and the median of the rounds' ratios (2.0, 2.4, 1.75), which is
+        // not the ratio of the medians (2.1).
+        assert_eq!(
+            (ops.keeper, ops.etcd, ops.ratio),
+            (Some(2100.0), Some(1000.0), Some(2.0))
+        );
+        let table = report.table();
+        assert!(
+            table.contains(
+                "| put c=1 ops/s  |   2100 |     1000 |       2.00x |       1.75x-2.40x |"
+            ),
+            "{table}"
+        );
+        assert!(table.contains("medians of 3 rounds"), "{table}");
+    }
+
+    #[test]
+    fn rounds_need_one_result_of_each_system() {
+        let uneven = vec![
+            set(System::Keeper, "3.5.0", 1.0, 1.0),
             set(System::Etcd, "3.4.23", 1.0, 1.0),
             set(System::Etcd, "3.4.23", 1.0, 1.0),
         ];
-        assert!(Report::build(twice).is_err());
+        let e = Report::build(uneven).unwrap_err().to_string();
+        assert!(e.contains("1 keeper result file(s) but 2 etcd"), "{e}");
     }
 }
