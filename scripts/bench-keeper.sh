@@ -183,12 +183,12 @@ for ((round = 1; round <= rounds; round++)); do
   ((round % 2 == 1)) || order=(etcd keeper)
   for name in "${order[@]}"; do
     wants "$name" || continue
-    if ((rounds == 1)); then
-      measure "$name" "${endpoints_of[$name]}" "$name.json" "$@"
-    else
+    file="$name.json"
+    if ((rounds > 1)); then
       log "round $round of $rounds: $name"
-      measure "$name" "${endpoints_of[$name]}" "$name-$(printf %03d "$round").json" "$@"
+      file="$name-$(printf %03d "$round").json"
     fi
+    measure "$name" "${endpoints_of[$name]}" "$file" "$@"
   done
 done
 

@@ -163,22 +163,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         results.phases.push(phase);
     }
 
-    let get_phases = match args.get_clients {
-        0 => &[][..],
-        _ => &[("get linearizable", false), ("get serializable", true)][..],
-    };
-    if !get_phases.is_empty() {
+    if args.get_clients > 0 {
         kv::prewrite(&cluster, args.get_keys, &value).await?;
-    }
-    for &(name, serializable) in get_phases {
-        let op = kv::Op::Get {
-            keys: args.get_keys,
-            serializable,
-        };
-        let name = format!("{name} c={}", args.get_clients);
-        let phase = load::run(&name, args.get_clients, &cluster, &timing, op).await?;
-        failures.extend(phase.failure());
-        results.phases.push(phase);
+        for (name, serializable) in [("get linearizable", false), ("get serializable", true)] {
+            let op = kv::Op::Get {
+                keys: args.get_keys,
+                serializable,
+            };
+            let name = format!("{name} c={}", args.get_clients);
+            let phase = load::run(&name, args.get_clients, &cluster, &timing, op).await?;
+            failures.extend(phase.failure());
+            results.phases.push(phase);
+        }
     }
 
     let shape = watch::Shape {

@@ -65,10 +65,15 @@ impl Report {
         if rounds > 1 {
             columns.push(format!("range of {rounds} rounds"));
         }
-        let rows = (0..rounds.max(1))
+        let mut rows = (0..rounds.max(1))
             .map(|r| rows(keeper.get(r), etcd.get(r)))
             .reduce(merge)
             .unwrap_or_default();
+        for row in &mut rows {
+            row.keeper = median(&row.keeper_rounds);
+            row.etcd = median(&row.etcd_rounds);
+            row.ratio = median(&row.round_ratios);
+        }
         Ok(Self {
             columns,
             rounds,
@@ -143,30 +148,24 @@ impl Report {
     }
 }
 
-/// Folds the rows of one more round into the rows so far: values are collected per round and
-/// the medians recomputed. Rows only one round has keep the values of the rounds that have them.
+/// Folds the rows of one more round into the rows so far, collecting each row's values per
+/// round (the medians are taken once all rounds are in). A row only some rounds have keeps the
+/// values of those rounds.
 fn merge(mut acc: Vec<Row>, next: Vec<Row>) -> Vec<Row> {
     for row in next {
         match acc
             .iter_mut()
             .find(|a| a.workload == row.workload && a.metric == row.metric)
         {
-            Some(a) => a.absorb(row),
+            Some(a) => {
+                a.keeper_rounds.extend(row.keeper_rounds);
+                a.etcd_rounds.extend(row.etcd_rounds);
+                a.round_ratios.extend(row.round_ratios);
+            }
             None => acc.push(row),
         }
     }
     acc
-}
-
-impl Row {
-    fn absorb(&mut self, other: Row) {
-        self.round_ratios.extend(other.round_ratios);
-        self.ratio = median(&self.round_ratios);
-        self.keeper_rounds.extend(other.keeper_rounds);
-        self.etcd_rounds.extend(other.etcd_rounds);
-        self.keeper = median(&self.keeper_rounds);
-        self.etcd = median(&self.etcd_rounds);
-    }
 }
 
 fn median(values: &[f64]) -> Option<f64> {
