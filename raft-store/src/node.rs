@@ -168,24 +168,28 @@ impl<M: StateMachine> RaftNode<M> {
         .await
         .map_err(|e| Error::Raft(e.to_string()))?;
 
+        // Leader, term and membership, republished when one of them changes: openraft's server
+        // metrics change only then. Its full metrics change after every round of its core
+        // (each append, commit and apply); following those cost ~2% of a node's CPU under load
+        // (docs/benchmarks.md, session 14), so progress is read when asked for instead.
         let (status_tx, status_rx) = watch::channel(NodeStatus {
             id: config.id,
             ..Default::default()
         });
-        let mut metrics = raft.metrics();
+        let mut server = raft.server_metrics();
+        let all = raft.metrics();
         tokio::spawn(async move {
             loop {
-                let status = {
-                    let m = metrics.borrow_and_update();
-                    stop_if_failed(&m.running_state);
-                    status_from_metrics(&m)
-                };
+                let status =
+                    status_from_metrics(&server.borrow_and_update(), &all.borrow_watched());
                 status_tx.send_if_modified(|old| {
                     let changed = *old != status;
                     *old = status;
                     changed
                 });
-                if metrics.changed().await.is_err() {
+                if server.changed().await.is_err() {
+                    // The core has ended and dropped its senders; it recorded why first.
+                    stop_if_failed(&all.borrow_watched().running_state);
                     break;
                 }
             }
@@ -277,8 +281,11 @@ impl<M: StateMachine> RaftNode<M> {
         self.inner.sm.shared.applied_tx.subscribe()
     }
 
+    /// Membership and leadership as last published, progress as of now.
     pub fn status(&self) -> NodeStatus {
-        self.inner.status_rx.borrow().clone()
+        let mut status = self.inner.status_rx.borrow().clone();
+        set_progress(&mut status, &self.inner.raft.metrics().borrow_watched());
+        status
     }
 
     /// The current term (cheap: no copy of the membership).
@@ -295,7 +302,8 @@ impl<M: StateMachine> RaftNode<M> {
         self.leader() == Some(self.id())
     }
 
-    /// Status updates (leader changes, membership changes, progress).
+    /// Changes when the leader, the term or the membership does. The progress fields of what
+    /// it holds are those of that moment; [`RaftNode::status`] reads current ones.
     pub fn status_watch(&self) -> watch::Receiver<NodeStatus> {
         self.inner.status_rx.clone()
     }
@@ -622,8 +630,14 @@ fn stop_if_failed(running: &Result<(), openraft::errors::Fatal<TypeConfig>>) {
     }
 }
 
-fn status_from_metrics(m: &openraft::RaftMetrics<TypeConfig>) -> NodeStatus {
-    let membership = m.membership_config.membership();
+/// Who leads and who belongs from `server` (sent before `all`, so never older), progress from
+/// `all`.
+fn status_from_metrics(
+    server: &openraft::metrics::RaftServerMetrics<TypeConfig>,
+    all: &openraft::RaftMetrics<TypeConfig>,
+) -> NodeStatus {
+    use openraft::vote::RaftLeaderId;
+    let membership = server.membership_config.membership();
     let voter_ids: Vec<NodeId> = membership.voter_ids().collect();
     let mut voters = BTreeMap::new();
     let mut learners = BTreeMap::new();
@@ -634,18 +648,24 @@ fn status_from_metrics(m: &openraft::RaftMetrics<TypeConfig>) -> NodeStatus {
             learners.insert(*id, node.addr.clone());
         }
     }
-    let index = |id: &Option<crate::types::LogId>| id.as_ref().map(|l| l.index()).unwrap_or(0);
-    NodeStatus {
-        id: m.id,
-        leader: m.current_leader,
-        term: m.current_term,
-        last_log_index: m.last_log_index.unwrap_or(0),
-        committed_index: index(&m.cluster_committed),
-        applied_index: index(&m.last_applied),
-        snapshot_index: index(&m.snapshot),
+    let mut status = NodeStatus {
+        id: server.id,
+        leader: server.current_leader,
+        term: server.vote.leader_id().term(),
         voters,
         learners,
-    }
+        ..NodeStatus::default()
+    };
+    set_progress(&mut status, all);
+    status
+}
+
+fn set_progress(status: &mut NodeStatus, all: &openraft::RaftMetrics<TypeConfig>) {
+    let index = |id: &Option<crate::types::LogId>| id.as_ref().map(|l| l.index()).unwrap_or(0);
+    status.last_log_index = all.last_log_index.unwrap_or(0);
+    status.committed_index = index(&all.cluster_committed);
+    status.applied_index = index(&all.last_applied);
+    status.snapshot_index = index(&all.snapshot);
 }
 
 #[cfg(test)]
