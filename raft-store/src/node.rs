@@ -425,10 +425,14 @@ impl<M: StateMachine> RaftNode<M> {
                 }
                 Err(ForwardError::NotLeader(_)) => Error::NoLeader,
             };
-            // Wait for the next status change (a new leader), or give up at the deadline.
-            match tokio::time::timeout_at(deadline, status_rx.changed()).await {
+            // Wait for the next status change (a new leader), but not longer than a short
+            // retry: a node that is already known as the new leader may still refuse writes
+            // (until its first entry commits), and no status change follows that.
+            let retry_at = deadline.min(tokio::time::Instant::now() + NOT_LEADER_RETRY);
+            match tokio::time::timeout_at(retry_at, status_rx.changed()).await {
                 Ok(Ok(())) => continue,
                 Ok(Err(_)) => return Err(Error::Raft("node stopped".into())),
+                Err(_) if retry_at < deadline => continue,
                 Err(_) => return Err(last_error),
             }
         }
@@ -553,6 +557,9 @@ pub(crate) const LEADERSHIP_UNCONFIRMED: &str = "leadership not confirmed by a q
 
 /// How long a ReadIndex whose leadership check failed waits before it asks again.
 const READ_INDEX_RETRY: Duration = Duration::from_millis(20);
+
+/// How long a request answered "not leader" waits for a status change before it tries again.
+const NOT_LEADER_RETRY: Duration = Duration::from_millis(50);
 
 /// What a write answered "not leader" fails with, instead of being retried, when it may have been
 /// applied (see [`Purges`]). A string inside `ForwardError::Failed`, so that it crosses the wire
