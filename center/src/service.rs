@@ -536,7 +536,7 @@ struct Round {
     offline: u64,
     /// Users whose sessions could not be looked up.
     unknown: Vec<String>,
-    /// (user, room) pairs whose room call failed.
+    /// (user, room) pairs whose room call failed, or whose room no longer had the user connected.
     failed: Vec<(String, String)>,
     /// (user, room) pairs delivered.
     reached: HashSet<(String, String)>,
@@ -638,8 +638,15 @@ async fn deliver_rounds(
         match answer {
             Ok(delivered) => {
                 for ((j, user), n) in owners.into_iter().zip(delivered) {
-                    rounds[j].sessions += u64::from(n);
-                    rounds[j].reached.insert((user, room.clone()));
+                    if n == 0 {
+                        // The session the lookup found had left the room by the time the push
+                        // got there (its device reconnecting, say): nothing was delivered, so a
+                        // QoS 1 message tries the user again, where the lookup then points.
+                        rounds[j].failed.push((user, room.clone()));
+                    } else {
+                        rounds[j].sessions += u64::from(n);
+                        rounds[j].reached.insert((user, room.clone()));
+                    }
                 }
             }
             Err(e) => {

@@ -119,6 +119,8 @@ impl Register for FakeRegister {
 #[derive(Clone, Default)]
 struct FakeRoom {
     fail_pushes: Arc<AtomicU32>,
+    /// Pushes answered with nothing delivered (the user's connection already gone).
+    miss_pushes: Arc<AtomicU32>,
     fail_broadcasts: Arc<AtomicU32>,
     broadcast_delivers: u32,
     pushes: Arc<Mutex<Vec<roompb::PushRequest>>>,
@@ -155,9 +157,10 @@ impl Room for FakeRoom {
         if take_failure(&self.fail_pushes) {
             return Err(Status::unavailable("room overloaded"));
         }
+        let each = u32::from(!take_failure(&self.miss_pushes));
         Ok(Response::new(roompb::PushResponse {
-            delivered: n,
-            per_item: vec![1; n as usize],
+            delivered: n * each,
+            per_item: vec![each; n as usize],
             ..Default::default()
         }))
     }
@@ -457,6 +460,42 @@ async fn qos1_is_retried_after_a_room_failure() {
     let retried = pushes.lock().unwrap()[1].items[0].message.clone().unwrap();
     assert_eq!(retried.id, a.json["id"].as_str().unwrap());
     assert_eq!(retried.qos, 1);
+    c.h.stop().await;
+}
+
+/// The lookup found a session, but by the time the push reached the room the user's connection
+/// was gone (a device reconnecting): nothing was delivered, so QoS 1 must try again.
+#[tokio::test]
+async fn qos1_is_retried_when_the_room_no_longer_has_the_user() {
+    let room = FakeRoom::default();
+    room.miss_pushes.store(1, Ordering::SeqCst);
+    let c = cluster(vec![room], false).await;
+    online(&c.sessions, "alice", "room-1", 1);
+    let a =
+        c.h.post(
+            "/v1/apps/demo/push",
+            Some("k-demo"),
+            json!({"users": ["alice"], "payload": "x", "qos": 1, "ttl_s": 30}),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(
+        (
+            a.json["users_online"].as_u64(),
+            a.json["sessions"].as_u64(),
+            a.json["retrying"].as_u64()
+        ),
+        (Some(1), Some(0), Some(1))
+    );
+    let pushes = c.rooms[0].pushes.clone();
+    testkit::wait_until("QoS 1 retry", Duration::from_secs(10), || {
+        let n = pushes.lock().unwrap().len();
+        async move { (n >= 2).then_some(()) }
+    })
+    .await
+    .unwrap();
+    let retried = pushes.lock().unwrap()[1].items[0].message.clone().unwrap();
+    assert_eq!(retried.id, a.json["id"].as_str().unwrap());
     c.h.stop().await;
 }
 
