@@ -180,8 +180,7 @@ impl<M: StateMachine> RaftNode<M> {
         let all = raft.metrics();
         tokio::spawn(async move {
             loop {
-                let status =
-                    status_from_metrics(&server.borrow_and_update(), &all.borrow_watched());
+                let status = status_from_metrics(&server.borrow_and_update());
                 status_tx.send_if_modified(|old| {
                     let changed = *old != status;
                     *old = status;
@@ -281,7 +280,7 @@ impl<M: StateMachine> RaftNode<M> {
         self.inner.sm.shared.applied_tx.subscribe()
     }
 
-    /// Membership and leadership as last published, progress as of now.
+    /// Membership and leadership as last published, with progress read now.
     pub fn status(&self) -> NodeStatus {
         let mut status = self.inner.status_rx.borrow().clone();
         set_progress(&mut status, &self.inner.raft.metrics().borrow_watched());
@@ -302,8 +301,8 @@ impl<M: StateMachine> RaftNode<M> {
         self.leader() == Some(self.id())
     }
 
-    /// Changes when the leader, the term or the membership does. The progress fields of what
-    /// it holds are those of that moment; [`RaftNode::status`] reads current ones.
+    /// Changes when the leader, the term or the membership does. What it holds has no progress
+    /// (those fields are 0); [`RaftNode::status`] reads it.
     pub fn status_watch(&self) -> watch::Receiver<NodeStatus> {
         self.inner.status_rx.clone()
     }
@@ -637,12 +636,8 @@ fn stop_if_failed(running: &Result<(), openraft::errors::Fatal<TypeConfig>>) {
     }
 }
 
-/// Who leads and who belongs from `server` (sent before `all`, so never older), progress from
-/// `all`.
-fn status_from_metrics(
-    server: &openraft::metrics::RaftServerMetrics<TypeConfig>,
-    all: &openraft::RaftMetrics<TypeConfig>,
-) -> NodeStatus {
+/// Who leads and who belongs; progress is left at 0 (see [`set_progress`]).
+fn status_from_metrics(server: &openraft::metrics::RaftServerMetrics<TypeConfig>) -> NodeStatus {
     use openraft::vote::RaftLeaderId;
     let membership = server.membership_config.membership();
     let voter_ids: Vec<NodeId> = membership.voter_ids().collect();
@@ -655,16 +650,14 @@ fn status_from_metrics(
             learners.insert(*id, node.addr.clone());
         }
     }
-    let mut status = NodeStatus {
+    NodeStatus {
         id: server.id,
         leader: server.current_leader,
         term: server.vote.leader_id().term(),
         voters,
         learners,
         ..NodeStatus::default()
-    };
-    set_progress(&mut status, all);
-    status
+    }
 }
 
 fn set_progress(status: &mut NodeStatus, all: &openraft::RaftMetrics<TypeConfig>) {
