@@ -5,6 +5,7 @@ mod cluster;
 mod kv;
 mod lease;
 mod maintenance;
+mod serve;
 mod watch;
 
 use std::sync::Arc;
@@ -131,9 +132,6 @@ pub async fn serve(
     tasks.spawn(lease::expire_loop(keeper.clone()));
     tasks.spawn(kv::compact_loop(keeper.clone()));
 
-    // Set TCP_NODELAY on accepted sockets here: the builder's `tcp_nodelay` does not apply to
-    // an incoming stream we provide, and Nagle + delayed ACKs add ~40 ms to small responses.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     // A graceful shutdown waits for every open stream; followers' forward streams to this node
     // stay open for as long as they may forward, so they are ended when the shutdown begins.
     let stopping = {
@@ -143,20 +141,19 @@ pub async fn serve(
             node.close_peer_streams();
         }
     };
-    let served = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .add_service(node.peer_service())
-        .add_service(
+    let router = serve::Router::new(vec![
+        serve::route(node.peer_service()),
+        serve::route(
             KvServer::from_arc(keeper.clone())
                 .max_decoding_message_size(MAX_DECODE)
                 .max_encoding_message_size(MAX_DECODE),
-        )
-        .add_service(WatchServer::from_arc(keeper.clone()).max_decoding_message_size(MAX_DECODE))
-        .add_service(LeaseServer::from_arc(keeper.clone()))
-        .add_service(ClusterServer::from_arc(keeper.clone()))
-        .add_service(MaintenanceServer::from_arc(keeper.clone()))
-        .serve_with_incoming_shutdown(incoming, stopping)
-        .await;
+        ),
+        serve::route(WatchServer::from_arc(keeper.clone()).max_decoding_message_size(MAX_DECODE)),
+        serve::route(LeaseServer::from_arc(keeper.clone())),
+        serve::route(ClusterServer::from_arc(keeper.clone())),
+        serve::route(MaintenanceServer::from_arc(keeper.clone())),
+    ]);
+    serve::serve(listener, router, stopping).await;
 
     shutdown.cancel();
     tasks.close();
@@ -166,6 +163,5 @@ pub async fn serve(
     }
     let stopped = node.shutdown().await;
     tracing::info!("keeper stopped");
-    served.map_err(|e| KeeperError::Internal(format!("gRPC server failed: {e}")))?;
     stopped.map_err(KeeperError::from)
 }

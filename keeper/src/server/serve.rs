@@ -1,0 +1,196 @@
+//! The keeper's HTTP/2 server: accepts connections and hands each gRPC request to its service.
+//!
+//! tonic's own server puts every request through an axum router and a stack of tower layers
+//! (load shedding, concurrency limit, grpc-timeout, error recovery), most of them unused here.
+//! With every client on one node, that plumbing took ~9% of the node's CPU at 64 clients, two
+//! thirds of what the Put handler itself cost (docs/decisions.md). The keeper's services are
+//! fixed, so the request path's service name picks the service directly.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::task::Context;
+use std::task::Poll;
+use std::time::Duration;
+
+use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::TokioIo;
+use hyper_util::rt::TokioTimer;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tonic::body::Body;
+use tonic::codegen::BoxFuture;
+use tonic::codegen::Service;
+use tonic::codegen::http;
+use tonic::server::NamedService;
+
+/// How often an idle connection is pinged, to notice peers that vanished without closing it.
+const KEEPALIVE: Duration = Duration::from_secs(10);
+/// How long the server pauses accepting after an accept error (out of file descriptors, say),
+/// instead of spinning on it.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Turns a tonic service (a generated `*Server`) into a route under its name.
+pub(crate) fn route<S>(service: S) -> (&'static str, RouteFn)
+where
+    S: Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<Body>,
+            Error = Infallible,
+            Future = BoxFuture<http::Response<Body>, Infallible>,
+        > + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+    let call: RouteFn = Arc::new(move |request| service.clone().call(request));
+    (S::NAME, call)
+}
+
+/// Calls one service with one request.
+pub(crate) type RouteFn = Arc<
+    dyn Fn(http::Request<hyper::body::Incoming>) -> BoxFuture<http::Response<Body>, Infallible>
+        + Send
+        + Sync,
+>;
+
+/// The services, by name (`etcdserverpb.KV`, ...): a request for `/<name>/<method>` goes to the
+/// service `name`; any other path is answered `Unimplemented`, as a gRPC server does.
+#[derive(Clone)]
+pub(crate) struct Router {
+    routes: Arc<Vec<(&'static str, RouteFn)>>,
+}
+
+impl Router {
+    pub(crate) fn new(routes: Vec<(&'static str, RouteFn)>) -> Self {
+        Self {
+            routes: Arc::new(routes),
+        }
+    }
+}
+
+impl Service<http::Request<hyper::body::Incoming>> for Router {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<http::Response<Body>, Infallible>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<hyper::body::Incoming>) -> Self::Future {
+        let name = request
+            .uri()
+            .path()
+            .strip_prefix('/')
+            .and_then(|path| path.split_once('/'))
+            .map(|(name, _)| name);
+        let route = name.and_then(|name| self.routes.iter().find(|(n, _)| *n == name));
+        match route {
+            Some((_, call)) => call(request),
+            None => {
+                let path = request.uri().path().to_string();
+                Box::pin(async move {
+                    Ok(tonic::Status::unimplemented(format!("no such method: {path}")).into_http())
+                })
+            }
+        }
+    }
+}
+
+/// Serves `router` on `listener` until `stop` completes, then stops accepting, tells every
+/// connection to finish (HTTP/2 GOAWAY: requests in progress complete, no new ones start) and
+/// returns once they have.
+pub(crate) async fn serve(listener: TcpListener, router: Router, stop: impl Future<Output = ()>) {
+    let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http.timer(TokioTimer::new())
+        .keep_alive_interval(Some(KEEPALIVE));
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(stop);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        // Nagle's algorithm plus delayed ACKs would hold small responses back ~40 ms.
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(%peer, error = %e, "setting TCP_NODELAY failed");
+        }
+        let connection = http.serve_connection(
+            TokioIo::new(stream),
+            TowerToHyperService::new(router.clone()),
+        );
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%peer, %error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use longlink_proto::etcdserverpb::LeaseGrantRequest;
+    use longlink_proto::etcdserverpb::RangeRequest;
+    use longlink_proto::etcdserverpb::kv_client::KvClient;
+    use longlink_proto::etcdserverpb::lease_client::LeaseClient;
+    use tokio::sync::oneshot;
+    use tonic::Code;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn requests_reach_the_service_their_path_names_and_others_are_unimplemented() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let kv: RouteFn = Arc::new(|_| {
+            Box::pin(async { Ok(tonic::Status::already_exists("the kv route").into_http()) })
+        });
+        let router = Router::new(vec![("etcdserverpb.KV", kv)]);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, router, async {
+            let _ = stopped.await;
+        }));
+
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let status = KvClient::new(channel.clone())
+            .range(RangeRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+        assert_eq!(status.message(), "the kv route");
+        let status = LeaseClient::new(channel.clone())
+            .lease_grant(LeaseGrantRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+        assert_eq!(
+            status.message(),
+            "no such method: /etcdserverpb.Lease/LeaseGrant"
+        );
+
+        // Stopping ends the server once its connection has closed.
+        stop.send(()).unwrap();
+        drop(channel);
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the server stops within 10 s")
+            .unwrap();
+    }
+}
