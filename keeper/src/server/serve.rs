@@ -105,8 +105,11 @@ impl Service<http::Request<hyper::body::Incoming>> for Router {
 /// returns once they have.
 pub(crate) async fn serve(listener: TcpListener, router: Router, stop: impl Future<Output = ()>) {
     let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    // No `date` header: gRPC clients ignore it (etcd sends none), and hyper would read the clock
+    // and allocate it for every response.
     http.timer(TokioTimer::new())
-        .keep_alive_interval(Some(KEEPALIVE));
+        .keep_alive_interval(Some(KEEPALIVE))
+        .auto_date_header(false);
     let graceful = GracefulShutdown::new();
     tokio::pin!(stop);
     loop {
