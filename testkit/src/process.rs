@@ -1,5 +1,6 @@
 //! One child process with its log file; killed (and its log tail printed on panic) when dropped.
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::net::TcpListener;
 use std::path::Path;
@@ -7,6 +8,7 @@ use std::path::PathBuf;
 use std::process::Child;
 use std::process::Command;
 use std::process::Stdio;
+use std::sync::Mutex;
 use std::time::Duration;
 use std::time::Instant;
 
@@ -120,12 +122,23 @@ impl Drop for Process {
     }
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// A port that was free a moment ago on 127.0.0.1, and never returned before by this process.
+///
+/// The port is released before the caller's child binds it, and the kernel may hand the same
+/// port to the next `bind(0)`: two addresses picked before either process has started could
+/// collide (a room's WebSocket listener once got the gRPC port of the room started just before
+/// it). Remembering the ports handed out rules that out within a test.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind an ephemeral port");
+        if GIVEN.lock().expect("free port set poisoned").insert(port) {
+            return port;
+        }
+    }
 }
 
 /// Polls `check` every 50 ms until it returns `Some`, or fails after `timeout` naming `what`.
@@ -143,5 +156,19 @@ where
             anyhow::bail!("timed out after {timeout:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    /// Without the memory of ports handed out, 2 000 picks from the ~28 000 ephemeral ports
+    /// repeat one dozens of times.
+    #[test]
+    fn free_ports_are_never_handed_out_twice() {
+        let ports: Vec<u16> = (0..2000).map(|_| super::free_port()).collect();
+        let distinct: HashSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len());
     }
 }
