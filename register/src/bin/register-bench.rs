@@ -237,8 +237,9 @@ async fn main() -> anyhow::Result<()> {
                 };
                 let resp = c.sync(req).await?.into_inner();
                 anyhow::ensure!(
-                    resp.result.map(|r| r.status) == Some(Status::Ok as i32),
-                    "sync refused"
+                    resp.result.as_ref().map(|r| r.status) == Some(Status::Ok as i32),
+                    "sync of slot {slot} refused: {:?}",
+                    resp.result
                 );
             }
         }));
