@@ -61,10 +61,38 @@ fn all_mine(epoch: u64) -> SlotMap {
     SlotMap::fresh(epoch, vec!["bench".to_string(); usize::from(SLOTS)])
 }
 
-async fn serve(
-    dir: &std::path::Path,
-    rooms: &[&str],
-) -> anyhow::Result<(Arc<Node>, RegisterClient<Channel>, CancellationToken)> {
+/// A register served on loopback for one phase of the benchmark.
+struct Served {
+    node: Arc<Node>,
+    client: RegisterClient<Channel>,
+    stop: CancellationToken,
+    server: tokio::task::JoinHandle<register::Result<()>>,
+}
+
+impl Served {
+    /// Stops the server and closes the register's RocksDB before the caller removes its
+    /// directory: a database still open in a server task would write a new MANIFEST into the
+    /// removed directory and leave it behind.
+    async fn shut_down(self) -> anyhow::Result<()> {
+        let Served {
+            node,
+            client,
+            stop,
+            server,
+        } = self;
+        drop(client);
+        stop.cancel();
+        server.await??;
+        anyhow::ensure!(
+            Arc::strong_count(&node) == 1,
+            "the register is still in use after its server stopped"
+        );
+        drop(node);
+        Ok(())
+    }
+}
+
+async fn serve(dir: &std::path::Path, rooms: &[&str]) -> anyhow::Result<Served> {
     let store = Store::open(dir)?;
     let config = RegisterConfig {
         max_batch: 100_000,
@@ -82,7 +110,7 @@ async fn serve(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let stop = CancellationToken::new();
-    tokio::spawn(register::service::serve(
+    let server = tokio::spawn(register::service::serve(
         node.clone(),
         listener,
         stop.clone(),
@@ -95,7 +123,12 @@ async fn serve(
     let client = RegisterClient::new(channel)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
-    Ok((node, client, stop))
+    Ok(Served {
+        node,
+        client,
+        stop,
+        server,
+    })
 }
 
 #[tokio::main]
@@ -129,7 +162,8 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::Builder::new()
         .prefix("register-bench")
         .tempdir_in(&cli.dir)?;
-    let (_node, client, stop) = serve(dir.path(), &[]).await?;
+    let served = serve(dir.path(), &[]).await?;
+    let client = served.client.clone();
     // The requests are built before the clock starts: building them is the rooms' work, not the
     // register's (encoding and sending them is timed).
     let requests: Vec<AttachRequest> = sessions
@@ -198,13 +232,15 @@ async fn main() -> anyhow::Result<()> {
     hist.sort_unstable();
     let quantile = |q: f64| u64::from(hist[((hist.len() - 1) as f64 * q) as usize]);
     let lookup_rate = (per_client * cli.clients) as f64 / start.elapsed().as_secs_f64();
-    stop.cancel();
+    drop(client);
+    served.shut_down().await?;
 
     // Rebuild: a register that gained every slot, with one live room re-sending all its sessions.
     let dir2 = tempfile::Builder::new()
         .prefix("register-bench-rebuild")
         .tempdir_in(&cli.dir)?;
-    let (node2, client2, stop2) = serve(dir2.path(), &["bench-room"]).await?;
+    let served2 = serve(dir2.path(), &["bench-room"]).await?;
+    let (node2, client2) = (served2.node.clone(), served2.client.clone());
     let mut by_slot = vec![Vec::new(); usize::from(SLOTS)];
     for (i, s) in sessions.iter().enumerate() {
         by_slot[usize::from(slot_of(&s.app, &s.user))].push(i);
@@ -252,7 +288,8 @@ async fn main() -> anyhow::Result<()> {
         node2.stats().rebuilding_slots == 0,
         "slots still rebuilding"
     );
-    stop2.cancel();
+    drop((node2, client2));
+    served2.shut_down().await?;
 
     let ms = |us: u64| us as f64 / 1000.0;
     println!("| metric | value |");
