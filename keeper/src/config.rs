@@ -36,7 +36,8 @@ pub struct KeeperConfig {
     /// write-latency tails for a shorter log.
     pub snapshot_every: u64,
     /// Revisions of history kept for watches and historical reads; older history is compacted
-    /// automatically by the leader.
+    /// automatically by the leader once a tenth more has built up (so 100%-110% of this many
+    /// stay readable), in steps of at most 1 000 revisions.
     pub history_revisions: i64,
     /// Smallest lease TTL granted, in seconds; shorter requests are raised to it so that an
     /// election cannot expire a healthy lease.

@@ -162,6 +162,49 @@ async fn kv_txn_and_limits_through_etcd_client() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_leader_keeps_history_to_its_window() {
+    let c = cluster("history_revisions = 100\n").await;
+    let mut client = c.client().await.unwrap();
+    let mut last = 0;
+    for i in 0..1_000 {
+        // Forty keys written over and over: every key has history to drop.
+        let put = client
+            .put(format!("h/{}", i % 40), i.to_string(), None)
+            .await
+            .unwrap();
+        last = put.header().unwrap().revision();
+    }
+    // The leader compacts once a tenth of the window has built up on top of it, so between 100
+    // and 110 revisions stay readable.
+    let kv = c.client().await.unwrap();
+    wait_until(
+        "history compacted to its window",
+        Duration::from_secs(30),
+        || {
+            let mut kv = kv.clone();
+            async move {
+                let at = GetOptions::new().with_prefix().with_revision(last - 111);
+                let err = kv.get("h/", Some(at)).await.err()?;
+                err.to_string().contains("compacted").then_some(())
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let kept = client
+        .get(
+            "h/",
+            Some(GetOptions::new().with_prefix().with_revision(last - 100)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(kept.count(), 40);
+    // Reads of the present are whole.
+    let now = client.get("h/7", None).await.unwrap();
+    assert_eq!(now.kvs()[0].value_str().unwrap(), "967");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn leases_expire_and_revoke_through_the_log() {
     let c = cluster("min_lease_ttl_s = 1\n").await;
     let mut client = c.client().await.unwrap();

@@ -189,6 +189,18 @@ impl KeyHistory {
         entry.live.as_ref().map(|live| (entry, live))
     }
 
+    /// Whether [`KeyHistory::compact`] at `revision` would drop anything: two entries before
+    /// `revision` (the older is unreachable), or one that is a deletion (nothing reads it).
+    fn drops_at(&self, revision: i64) -> bool {
+        let before = self
+            .entries
+            .iter()
+            .take(2)
+            .filter(|e| e.revision < revision)
+            .count();
+        before == 2 || (before == 1 && self.entries[0].live.is_none())
+    }
+
     /// Drops what compaction at `revision` makes unreachable; false when nothing is left.
     fn compact(&mut self, revision: i64) -> bool {
         let first_kept = self.entries.partition_point(|e| e.revision < revision);
@@ -530,24 +542,36 @@ impl Mvcc {
         // Only keys changed at a dropped revision can have something to drop: every older entry
         // was already kept by an earlier compaction as the latest live one, and stays so unless
         // the key changed again, which puts it in a dropped change now. So compaction costs the
-        // changes it drops, not the size of the key space (it runs under the apply lock).
-        let mut touched = std::collections::BTreeSet::new();
+        // changes it drops, not the size of the key space (it runs under the apply lock). Most
+        // of those keys hold one live entry, which stays: a lookup tells, and only a history
+        // with something to drop is taken for writing (which copies the map's path to it while
+        // a snapshot shares the map). A key in several dropped changes is compacted at the
+        // first and found with nothing to drop at the others.
         while self
             .changes
             .front()
             .is_some_and(|change| change.revision < revision)
         {
-            if let Some(change) = self.changes.pop_front() {
-                touched.extend(change.keys);
-            }
-        }
-        for key in touched {
-            let keep = match self.keys.get_mut(&key[..]) {
-                Some(history) => history.compact(revision),
-                None => continue,
+            let Some(change) = self.changes.pop_front() else {
+                break;
             };
-            if !keep {
-                self.keys.remove(&key[..]);
+            for key in change.keys {
+                // By `Key`, as a put searches: most steps compare inline heads (see key.rs).
+                let key = Key::new(key);
+                let drops = self
+                    .keys
+                    .get(&key)
+                    .is_some_and(|history| history.drops_at(revision));
+                if !drops {
+                    continue;
+                }
+                let keep = self
+                    .keys
+                    .get_mut(&key)
+                    .is_some_and(|history| history.compact(revision));
+                if !keep {
+                    self.keys.remove(&key);
+                }
             }
         }
         self.compact_revision = revision;
@@ -778,6 +802,31 @@ mod tests {
                 assert_eq!(fast, slow, "after compacting at {at}");
             }
         }
+    }
+
+    #[test]
+    fn compaction_that_drops_no_history_leaves_a_shared_map_shared() {
+        let mut mvcc = Mvcc::default();
+        for i in 0..1_000 {
+            put(&mut mvcc, &format!("k{i}"), "v");
+        }
+        put(&mut mvcc, "k7", "again");
+        // What a snapshot holds while the state machine goes on applying.
+        let snapshot = mvcc.keys.clone();
+        mvcc.compact(500).unwrap();
+        assert_eq!(mvcc.retained_changes(), 503);
+        // Every key changed before 500 holds one live entry, which stays: nothing was written.
+        assert!(
+            mvcc.keys.ptr_eq(&snapshot),
+            "compaction copied the shared map"
+        );
+        put(&mut mvcc, "other", "v");
+        mvcc.compact(1_003).unwrap();
+        // "k7" lost its first value (revision 9; nothing reads it at 1 003): that took a write.
+        assert!(!mvcc.keys.ptr_eq(&snapshot));
+        assert_eq!(mvcc.retained_entries(b"k7"), 1);
+        assert_eq!(mvcc.retained_entries(b"k8"), 1);
+        assert_eq!(mvcc.len(), 1_001);
     }
 
     #[test]
