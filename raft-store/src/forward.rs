@@ -501,6 +501,7 @@ pub(crate) async fn forward_unary(
 mod tests {
     use std::collections::BTreeMap;
     use std::convert::Infallible;
+    use std::path::PathBuf;
     use std::task::Context;
     use std::task::Poll;
 
@@ -555,14 +556,14 @@ mod tests {
     struct Group {
         nodes: Vec<RaftNode<Counter>>,
         calls: Vec<std::sync::Arc<std::sync::Mutex<Vec<String>>>>,
-        _dirs: Vec<tempfile::TempDir>,
         /// Set to stop the servers.
         stop: tokio::sync::watch::Sender<bool>,
     }
 
     impl Group {
-        /// Three nodes serving their peer service on loopback, with a leader elected.
-        async fn start(refuse_streams: bool) -> Group {
+        /// Three nodes (data in `dirs`) serving their peer service on loopback, with a leader
+        /// elected.
+        async fn start(dirs: &[PathBuf; 3], refuse_streams: bool) -> Group {
             let mut listeners = Vec::new();
             let mut members = BTreeMap::new();
             for id in 1..=3u64 {
@@ -571,10 +572,9 @@ mod tests {
                 listeners.push(listener);
             }
             let (stop, _) = tokio::sync::watch::channel(false);
-            let (mut nodes, mut calls, mut dirs) = (Vec::new(), Vec::new(), Vec::new());
-            for (id, listener) in (1..=3u64).zip(listeners) {
-                let dir = tempfile::TempDir::new().unwrap();
-                let node = RaftNode::open(NodeConfig::new(id, dir.path()), Counter::default())
+            let (mut nodes, mut calls) = (Vec::new(), Vec::new());
+            for ((id, listener), dir) in (1..=3u64).zip(listeners).zip(dirs) {
+                let node = RaftNode::open(NodeConfig::new(id, dir), Counter::default())
                     .await
                     .unwrap();
                 let recorded = Recorded {
@@ -594,7 +594,6 @@ mod tests {
                         .serve_with_incoming_shutdown(incoming, stopped),
                 );
                 nodes.push(node);
-                dirs.push(dir);
             }
             for node in &nodes {
                 node.initialize(&members).await.unwrap();
@@ -609,12 +608,7 @@ mod tests {
                 .expect("a leader within 10 s")
                 .unwrap();
             }
-            Group {
-                nodes,
-                calls,
-                _dirs: dirs,
-                stop,
-            }
+            Group { nodes, calls, stop }
         }
 
         fn leader_and_follower(&self) -> (usize, usize) {
@@ -656,29 +650,53 @@ mod tests {
 
     /// Two rounds of 40 concurrent writes through a follower of a new group; returns the group
     /// and the leader's position.
-    async fn two_rounds_through_a_follower(refuse_streams: bool) -> (Group, usize) {
-        let group = Group::start(refuse_streams).await;
+    async fn two_rounds_through_a_follower(
+        dirs: &[PathBuf; 3],
+        refuse_streams: bool,
+    ) -> (Group, usize) {
+        let group = Group::start(dirs, refuse_streams).await;
         let (leader, follower) = group.leader_and_follower();
         count_through(&group.nodes[follower], 0, 40).await;
         count_through(&group.nodes[follower], 40, 40).await;
         (group, leader)
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn writes_through_a_follower_share_one_stream_to_the_leader() {
-        let (group, leader) = two_rounds_through_a_follower(false).await;
-        // Every batch of both rounds went over the one stream; none as a call of its own.
-        assert_eq!(group.served(leader, "ForwardStream"), 1);
-        assert_eq!(group.served(leader, "Forward"), 0);
-        group.stop().await;
+    /// Runs `test` on a two-worker runtime, with three data directories that outlive it. The
+    /// runtime's tasks (servers, their connections, forward links) hold the nodes' storage
+    /// until the runtime is dropped; a database still closing while its directory was being
+    /// removed once left a MANIFEST behind in /tmp.
+    fn with_three_dirs<Fut: Future<Output = ()>>(test: impl FnOnce([PathBuf; 3]) -> Fut) {
+        let dirs: [tempfile::TempDir; 3] =
+            std::array::from_fn(|_| tempfile::TempDir::new().unwrap());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(test(dirs.each_ref().map(|d| d.path().to_path_buf())));
+        drop(runtime);
+        drop(dirs);
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_leader_without_forward_streams_gets_batches_as_unary_calls() {
-        let (group, leader) = two_rounds_through_a_follower(true).await;
-        // The stream was tried once; the follower remembered the answer.
-        assert_eq!(group.served(leader, "ForwardStream"), 1);
-        assert!(group.served(leader, "Forward") >= 1);
-        group.stop().await;
+    #[test]
+    fn writes_through_a_follower_share_one_stream_to_the_leader() {
+        with_three_dirs(|dirs| async move {
+            let (group, leader) = two_rounds_through_a_follower(&dirs, false).await;
+            // Every batch of both rounds went over the one stream; none as a call of its own.
+            assert_eq!(group.served(leader, "ForwardStream"), 1);
+            assert_eq!(group.served(leader, "Forward"), 0);
+            group.stop().await;
+        });
+    }
+
+    #[test]
+    fn a_leader_without_forward_streams_gets_batches_as_unary_calls() {
+        with_three_dirs(|dirs| async move {
+            let (group, leader) = two_rounds_through_a_follower(&dirs, true).await;
+            // The stream was tried once; the follower remembered the answer.
+            assert_eq!(group.served(leader, "ForwardStream"), 1);
+            assert!(group.served(leader, "Forward") >= 1);
+            group.stop().await;
+        });
     }
 }
