@@ -173,7 +173,6 @@ fn sort_kvs(kvs: &mut [KeyValue], order: SortOrder, target: SortTarget) {
 /// own log entry, with writes applied in between.
 pub(crate) async fn compact_loop(keeper: Arc<Keeper>) {
     let retain = keeper.config.history_revisions;
-    let step = (retain / 10).clamp(1, COMPACT_STEP);
     let mut tick = tokio::time::interval(COMPACT_CHECK);
     loop {
         tokio::select! {
@@ -191,7 +190,7 @@ pub(crate) async fn compact_loop(keeper: Arc<Keeper>) {
         let target = revision - retain;
         let mut at = compacted;
         while at < target && !keeper.shutdown.is_cancelled() {
-            let next = (at + step).min(target);
+            let next = (at + COMPACT_STEP).min(target);
             match keeper.write(Command::Compact { revision: next }).await {
                 Ok(_) => tracing::debug!(revision = next, "compacted history"),
                 Err(e) => {
