@@ -55,7 +55,7 @@ impl StoreBuilder<TypeConfig, LogStore, SmStore<Counter>, TempDir> for Builder {
     ) -> Result<(TempDir, LogStore, SmStore<Counter>), StorageError<TypeConfig>> {
         let dir = TempDir::new().expect("temp dir");
         let db = crate::db::open(dir.path()).expect("open rocksdb");
-        let log = LogStore::new(db.clone());
+        let log = LogStore::open(db.clone(), dir.path()).expect("open the log");
         let sm =
             SmStore::open(db, dir.path(), Counter::default()).expect("open state machine store");
         Ok((dir, log, sm))

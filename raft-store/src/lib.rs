@@ -8,6 +8,7 @@
 mod db;
 mod error;
 mod forward;
+mod journal;
 mod local_writes;
 mod log_store;
 mod network;

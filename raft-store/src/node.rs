@@ -136,7 +136,7 @@ impl<M: StateMachine> RaftNode<M> {
     /// Raft. The node serves peers once [`RaftNode::peer_service`] is mounted on a server.
     pub async fn open(config: NodeConfig, sm: M) -> Result<Self> {
         let db = crate::db::open(&config.data_dir)?;
-        let log_store = LogStore::new(db.clone());
+        let log_store = LogStore::open(db.clone(), &config.data_dir).map_err(Error::storage)?;
         let purges = log_store.purges();
         let sm_store = SmStore::open(db, &config.data_dir, sm)?;
         let raft_config = Config {
