@@ -104,7 +104,11 @@ fn harness_run(args: &[&str]) -> (String, String, PathBuf, tempfile::TempDir) {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "{stdout}\n{stderr}\n{}",
+        node_log_tails(out_dir.path())
+    );
     let run = std::fs::read_dir(out_dir.path())
         .unwrap()
         .next()
@@ -113,6 +117,40 @@ fn harness_run(args: &[&str]) -> (String, String, PathBuf, tempfile::TempDir) {
         .path()
         .join("run-1");
     (stdout, stderr, run, out_dir)
+}
+
+/// The last lines of every node log under `dir`: a failed run's evidence, which would otherwise
+/// go with the temporary directory.
+fn node_log_tails(dir: &Path) -> String {
+    const LINES: usize = 40;
+    let mut logs = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        for item in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = item.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if path.extension().is_some_and(|e| e == "log") {
+                logs.push(path);
+            }
+        }
+    }
+    logs.sort();
+    let mut out = String::new();
+    for log in logs {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(LINES)..];
+        out.push_str(&format!(
+            "---- {} (last {LINES} lines) ----\n",
+            log.display()
+        ));
+        for line in tail {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// Runs `<workload> --time 8` with `nemesis` every 2-3 s (plus `extra` flags); asserts a valid

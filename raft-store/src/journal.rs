@@ -306,7 +306,9 @@ impl Journal {
         segment_bytes: u64,
     ) -> io::Result<Journal> {
         std::fs::create_dir_all(dir)?;
+        let started = std::time::Instant::now();
         let found = segments(dir)?;
+        let mut replayed = 0usize;
         let mut committed = None;
         let mut purge_marker = None;
         let last = found.len().checked_sub(1);
@@ -328,6 +330,7 @@ impl Journal {
             }
             let cf = db.cf_handle(CF_LOGS).expect("logs column family");
             let mut batch = WriteBatch::default();
+            replayed += records.len();
             for record in records {
                 match record {
                     Record::Entry { index, bytes } => {
@@ -360,6 +363,12 @@ impl Journal {
             db.write(batch).map_err(io::Error::other)?;
             db.flush_wal(true).map_err(io::Error::other)?;
             remove_segments_before(dir, seq)?;
+            tracing::info!(
+                segments = found.len(),
+                records = replayed,
+                ms = started.elapsed().as_millis() as u64,
+                "raft log journal replayed"
+            );
         }
         let file = create_segment(dir, seq)?;
         let mut journal = Journal {
@@ -430,6 +439,10 @@ impl Journal {
                 .name("raft-journal-retire".into())
                 .spawn(move || {
                     flush_logs(&db)?;
+                    // The purge markers those segments journaled live on in RocksDB's meta column
+                    // family, written with its WAL but not synced: synced here, before the records
+                    // go, so the flushed deletions never outlive their marker (a log with a gap).
+                    db.flush_wal(true).map_err(io::Error::other)?;
                     remove_segments_before(&dir, seq)
                 })?,
         );
