@@ -342,7 +342,13 @@ impl Journal {
                     Record::Committed(bytes) => committed = Some(bytes),
                     Record::Purge { index, log_id } => {
                         batch.delete_range_cf(cf, index_key(0), index_key(index + 1));
-                        purge_marker = Some(log_id);
+                        // RocksDB may hold a newer marker than the journal: a purge writes it
+                        // there at once and journals it with the next sync, which a crash can
+                        // prevent. The marker must never go back (the log would start after it,
+                        // with a gap); the deletions it made are in RocksDB already.
+                        if purged.is_none_or(|p| index > p) {
+                            purge_marker = Some(log_id);
+                        }
                     }
                 }
             }

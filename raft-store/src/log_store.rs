@@ -713,6 +713,37 @@ mod tests {
         );
     }
 
+    /// A purge that reached RocksDB but not the journal (killed before the next sync): the
+    /// journal's older purge record must not take the marker back below the entries RocksDB
+    /// already deleted.
+    #[tokio::test]
+    async fn replay_never_moves_the_purge_marker_back() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let crashed = tempfile::TempDir::new().unwrap();
+        let mut store = open_store(dir.path());
+        append_durably(&mut store, (1..=100).map(|i| entry_in_term(1, i)).collect()).await;
+        store.purge(log_id::<TypeConfig>(1, 1, 40)).await.unwrap();
+        append_durably(
+            &mut store,
+            (101..=110).map(|i| entry_in_term(1, i)).collect(),
+        )
+        .await;
+        // Journaled only with the next sync, which never comes.
+        store.purge(log_id::<TypeConfig>(1, 1, 80)).await.unwrap();
+        crash_image(dir.path(), crashed.path());
+        drop(store);
+        let mut store = open_store(crashed.path());
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(
+            state.last_purged_log_id,
+            Some(log_id::<TypeConfig>(1, 1, 80))
+        );
+        assert_eq!(
+            log_of(&mut store).await,
+            (81..=110).map(|i| (1, i)).collect::<Vec<_>>()
+        );
+    }
+
     /// A write torn by a crash ends the journal where it starts; what came before it is intact.
     /// Damage in a segment that newer segments follow is refused, not skipped.
     #[tokio::test]
