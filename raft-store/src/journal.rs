@@ -66,6 +66,12 @@ pub(crate) fn delete_from(db: &DB, batch: &mut WriteBatch, from: u64) {
     batch.delete_cf(cf, index_key(u64::MAX));
 }
 
+/// Removes every entry up to and including `index` (a purge).
+pub(crate) fn delete_through(db: &DB, batch: &mut WriteBatch, index: u64) {
+    let cf = db.cf_handle(CF_LOGS).expect("logs column family");
+    batch.delete_range_cf(cf, index_key(0), index_key(index + 1));
+}
+
 /// Writes that skip RocksDB's WAL: the journal stands in for it.
 pub(crate) fn without_wal() -> WriteOptions {
     let mut options = WriteOptions::default();
@@ -110,6 +116,10 @@ impl BlockBuf {
         self.len = needed;
     }
 
+    fn contents(&self) -> &[u8] {
+        &self.storage[self.start..self.start + self.len]
+    }
+
     /// The contents padded with zeros to whole blocks.
     fn blocks(&self) -> &[u8] {
         let padded = self.len.div_ceil(BLOCK) * BLOCK;
@@ -150,33 +160,37 @@ pub(crate) enum Record {
     Purge { index: u64, log_id: Vec<u8> },
 }
 
+/// Appends `record` to `out`: the body straight into the buffer, then its length and checksum
+/// into the header in front of it (no copy of an entry's bytes on the way).
 fn encode_record(record: &Record, out: &mut BlockBuf) {
-    let mut body = Vec::new();
+    let header = out.len;
+    out.push(&[0; 8]);
     match record {
         Record::Entry { index, bytes } => {
-            body.reserve(9 + bytes.len());
-            body.push(KIND_ENTRY);
-            body.extend_from_slice(&index.to_le_bytes());
-            body.extend_from_slice(bytes);
+            out.push(&[KIND_ENTRY]);
+            out.push(&index.to_le_bytes());
+            out.push(bytes);
         }
         Record::TruncateFrom(from) => {
-            body.push(KIND_TRUNCATE);
-            body.extend_from_slice(&from.to_le_bytes());
+            out.push(&[KIND_TRUNCATE]);
+            out.push(&from.to_le_bytes());
         }
         Record::Committed(bytes) => {
-            body.push(KIND_COMMITTED);
-            body.extend_from_slice(bytes);
+            out.push(&[KIND_COMMITTED]);
+            out.push(bytes);
         }
         Record::Purge { index, log_id } => {
-            body.push(KIND_PURGE);
-            body.extend_from_slice(&index.to_le_bytes());
-            body.extend_from_slice(log_id);
+            out.push(&[KIND_PURGE]);
+            out.push(&index.to_le_bytes());
+            out.push(log_id);
         }
     }
+    let body = &out.contents()[header + 8..];
     let len = u32::try_from(body.len()).expect("a journal record is far below 4 GiB");
-    out.push(&len.to_le_bytes());
-    out.push(&crc32fast::hash(&body).to_le_bytes());
-    out.push(&body);
+    let crc = crc32fast::hash(body);
+    let at = out.start + header;
+    out.storage[at..at + 4].copy_from_slice(&len.to_le_bytes());
+    out.storage[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// The records of one segment, up to its end or its first damaged record; the second value is
@@ -341,7 +355,7 @@ impl Journal {
                     Record::TruncateFrom(from) => delete_from(&db, &mut batch, from),
                     Record::Committed(bytes) => committed = Some(bytes),
                     Record::Purge { index, log_id } => {
-                        batch.delete_range_cf(cf, index_key(0), index_key(index + 1));
+                        delete_through(&db, &mut batch, index);
                         // RocksDB may hold a newer marker than the journal: a purge writes it
                         // there at once and journals it with the next sync, which a crash can
                         // prevent. The marker must never go back (the log would start after it,

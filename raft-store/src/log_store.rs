@@ -257,20 +257,10 @@ impl LogStore {
     }
 
     pub(crate) fn open_with(db: Arc<DB>, dir: &Path, segment_bytes: u64) -> io::Result<Self> {
-        let mut store = Self {
-            db: db.clone(),
-            flusher: Arc::new(Flusher {
-                tx: None,
-                thread: None,
-                unwritten_committed: Mutex::new(None),
-            }),
-            recent: Arc::default(),
-            purges: Purges::default(),
-        };
-        let purged: Option<LogId> = store.get_meta(KEY_LAST_PURGED)?;
+        let purged: Option<LogId> = get_meta(&db, KEY_LAST_PURGED)?;
         let journal = Journal::open(
             &dir.join("raft-journal"),
-            db,
+            db.clone(),
             purged.map(|id| id.index()),
             segment_bytes,
         )?;
@@ -278,12 +268,16 @@ impl LogStore {
         let thread = std::thread::Builder::new()
             .name("raft-log-flush".into())
             .spawn(move || group_commit(journal, flush_rx))?;
-        store.flusher = Arc::new(Flusher {
-            tx: Some(flush_tx),
-            thread: Some(thread),
-            unwritten_committed: Mutex::new(None),
-        });
-        Ok(store)
+        Ok(Self {
+            db,
+            flusher: Arc::new(Flusher {
+                tx: Some(flush_tx),
+                thread: Some(thread),
+                unwritten_committed: Mutex::new(None),
+            }),
+            recent: Arc::default(),
+            purges: Purges::default(),
+        })
     }
 
     /// The purge count of this store (and every clone of it).
@@ -296,11 +290,7 @@ impl LogStore {
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> io::Result<Option<T>> {
-        let cf = self.db.cf_handle(CF_META).expect("meta column family");
-        match self.db.get_cf(cf, key).map_err(io::Error::other)? {
-            None => Ok(None),
-            Some(bytes) => decode(&bytes).map(Some).map_err(invalid_data),
-        }
+        get_meta(&self.db, key)
     }
 
     fn put_meta<T: serde::Serialize>(&self, key: &[u8], value: &T) -> io::Result<()> {
@@ -337,6 +327,14 @@ fn group_commit(mut journal: Journal, rx: mpsc::Receiver<Job>) {
     // Closed: what is left (a truncation, the committed id) is written before the store closes.
     if let Err(e) = journal.sync().and_then(|()| journal.close()) {
         tracing::warn!(error = %e, "closing the raft log journal failed");
+    }
+}
+
+fn get_meta<T: serde::de::DeserializeOwned>(db: &DB, key: &[u8]) -> io::Result<Option<T>> {
+    let cf = db.cf_handle(CF_META).expect("meta column family");
+    match db.get_cf(cf, key).map_err(io::Error::other)? {
+        None => Ok(None),
+        Some(bytes) => decode(&bytes).map(Some).map_err(invalid_data),
     }
 }
 
@@ -489,10 +487,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // the two writes leaves only ignorable garbage.
         self.put_meta(KEY_LAST_PURGED, &log_id)?;
         self.recent().purge(log_id.index());
-        let cf = self.db.cf_handle(CF_LOGS).expect("logs column family");
-        self.db
-            .delete_range_cf(cf, index_key(0), index_key(log_id.index() + 1))
-            .map_err(io::Error::other)?;
+        let mut batch = WriteBatch::default();
+        journal::delete_through(&self.db, &mut batch, log_id.index());
+        self.db.write(batch).map_err(io::Error::other)?;
         // Journaled too, before any later append: those appends' sync then makes the purge
         // durable with them, as the entries they follow are gone (journal.rs).
         self.flusher.send(Job {
@@ -618,6 +615,14 @@ mod tests {
         }
     }
 
+    /// Takes the crash image of `store`'s directory `dir` into a new directory, then closes it.
+    fn crashed(store: LogStore, dir: &Path) -> tempfile::TempDir {
+        let image = tempfile::TempDir::new().unwrap();
+        crash_image(dir, image.path());
+        drop(store);
+        image
+    }
+
     fn journal_files(dir: &Path) -> Vec<std::path::PathBuf> {
         let mut files: Vec<_> = std::fs::read_dir(dir.join("raft-journal"))
             .unwrap()
@@ -641,7 +646,6 @@ mod tests {
     #[tokio::test]
     async fn a_crash_loses_nothing_reported_durable() {
         let dir = tempfile::TempDir::new().unwrap();
-        let crashed = tempfile::TempDir::new().unwrap();
         let committed = Some(log_id::<TypeConfig>(2, 1, 255));
         let mut store = open_store(dir.path());
         for start in (1..=300).step_by(50) {
@@ -659,8 +663,7 @@ mod tests {
         .await;
         store.save_committed(committed).await.unwrap();
         append_durably(&mut store, vec![entry_in_term(2, 261)]).await;
-        crash_image(dir.path(), crashed.path());
-        drop(store);
+        let crashed = crashed(store, dir.path());
 
         // RocksDB alone has none of it: the test would pass without the journal otherwise.
         {
@@ -685,7 +688,6 @@ mod tests {
     #[tokio::test]
     async fn a_crash_cannot_keep_appends_and_lose_the_purge_before_them() {
         let dir = tempfile::TempDir::new().unwrap();
-        let crashed = tempfile::TempDir::new().unwrap();
         let mut store = open_store(dir.path());
         append_durably(&mut store, (1..=20).map(|i| entry_in_term(1, i)).collect()).await;
         let snapshot_last = log_id::<TypeConfig>(2, 1, 100);
@@ -695,8 +697,7 @@ mod tests {
             (101..=110).map(|i| entry_in_term(2, i)).collect(),
         )
         .await;
-        crash_image(dir.path(), crashed.path());
-        drop(store);
+        let crashed = crashed(store, dir.path());
         // The operating system lost what RocksDB's WAL had not synced: the purge marker.
         for item in std::fs::read_dir(crashed.path().join("raft")).unwrap() {
             let path = item.unwrap().path();
@@ -719,7 +720,6 @@ mod tests {
     #[tokio::test]
     async fn replay_never_moves_the_purge_marker_back() {
         let dir = tempfile::TempDir::new().unwrap();
-        let crashed = tempfile::TempDir::new().unwrap();
         let mut store = open_store(dir.path());
         append_durably(&mut store, (1..=100).map(|i| entry_in_term(1, i)).collect()).await;
         store.purge(log_id::<TypeConfig>(1, 1, 40)).await.unwrap();
@@ -730,8 +730,7 @@ mod tests {
         .await;
         // Journaled only with the next sync, which never comes.
         store.purge(log_id::<TypeConfig>(1, 1, 80)).await.unwrap();
-        crash_image(dir.path(), crashed.path());
-        drop(store);
+        let crashed = crashed(store, dir.path());
         let mut store = open_store(crashed.path());
         let state = store.get_log_state().await.unwrap();
         assert_eq!(
@@ -749,11 +748,9 @@ mod tests {
     #[tokio::test]
     async fn a_torn_tail_is_dropped_and_older_damage_is_refused() {
         let dir = tempfile::TempDir::new().unwrap();
-        let crashed = tempfile::TempDir::new().unwrap();
         let mut store = open_store(dir.path());
         append_durably(&mut store, (1..=20).map(|i| entry_in_term(1, i)).collect()).await;
-        crash_image(dir.path(), crashed.path());
-        drop(store);
+        let crashed = crashed(store, dir.path());
         let segment = journal_files(crashed.path()).pop().unwrap();
         let mut bytes = std::fs::read(&segment).unwrap();
         let end = bytes.iter().rposition(|b| *b != 0).unwrap() + 1;
@@ -795,7 +792,6 @@ mod tests {
     #[tokio::test]
     async fn full_segments_are_retired_without_losing_entries() {
         let dir = tempfile::TempDir::new().unwrap();
-        let crashed = tempfile::TempDir::new().unwrap();
         let mut store =
             LogStore::open_with(crate::db::open(dir.path()).unwrap(), dir.path(), 64 << 10)
                 .unwrap();
@@ -821,8 +817,7 @@ mod tests {
             format!("{:020}.journal", 1).as_str(),
             "no segment was ever retired"
         );
-        crash_image(dir.path(), crashed.path());
-        drop(store);
+        let crashed = crashed(store, dir.path());
         let mut store = open_store(crashed.path());
         assert_eq!(
             log_of(&mut store).await,
