@@ -228,7 +228,7 @@ async fn in_background<T: Send + 'static>(
 
 /// Lowers the calling thread (only it: on Linux a thread has its own nice value) to nice 19.
 /// Lowering one's own priority needs no privilege; if it fails anyway, the work runs as before.
-fn lower_priority() {
+pub(crate) fn lower_priority() {
     // SAFETY: gettid has no preconditions; setpriority only reads its integer arguments.
     let result = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
     if result != 0 {
