@@ -12,7 +12,11 @@
 #   BENCH_BIN=/tmp/keeper-bench-before scripts/keeper-put-cpu.sh # another keeper-bench binary
 #   CLIENTS_ON=leader scripts/keeper-put-cpu.sh                  # or followers; default all
 #   KEEPER_CONFIG=my.toml KEEP_LOGS=/tmp/logs scripts/keeper-put-cpu.sh
+#   TRACE_FLUSHERS=3 scripts/keeper-put-cpu.sh                   # + the journal's syscall times
 #
+# TRACE_FLUSHERS=N records the three flusher threads' pwrite and fdatasync calls for N seconds from
+# the 2nd second of the last put phase (perf tracepoints) and prints their latency percentiles and
+# the flushers' idle time between syncs (docs/benchmarks.md, session 19).
 # Needs release binaries (scripts/bench-keeper.sh builds them). Data and logs live in a temporary
 # directory under ${BENCH_TMPDIR:-/var/tmp}, removed on exit with every process started here;
 # KEEP_LOGS copies the keepers' logs out first (after they stopped, so a keeper built with
@@ -46,6 +50,10 @@ bench_pid=""
 cleanup() {
   local pid i
   trap - EXIT INT TERM
+  if [[ -n ${tracer_pid:-} ]]; then
+    pkill -P "$tracer_pid" 2>/dev/null || true
+    kill "$tracer_pid" 2>/dev/null || true
+  fi
   [[ -n $bench_pid ]] && kill -TERM "$bench_pid" 2>/dev/null || true
   for pid in "${keepers[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${keepers[@]}"; do
@@ -101,9 +109,57 @@ switches() {
 }
 machine() { awk '/^cpu / { print $2 + $3 + $4 + $5 + $6 + $7 + $8, $5 }' /proc/stat; }
 
+trace_seconds="${TRACE_FLUSHERS:-}"
+if [[ -n $trace_seconds ]]; then
+  [[ $trace_seconds =~ ^[1-9][0-9]*$ ]] || { log "TRACE_FLUSHERS: '$trace_seconds' is not a number of seconds"; exit 2; }
+  command -v perf >/dev/null || { log "TRACE_FLUSHERS needs perf (apt-get install linux-perf)"; exit 2; }
+fi
+# Records the flusher threads' journal syscalls for $trace_seconds once the last put phase has
+# measured for a second.
+trace_flushers() {
+  local tids
+  until grep -q "put c=$last: [1-9][0-9]*\.[0-9]s/" "$work/bench.txt" 2>/dev/null; do
+    kill -0 "$bench_pid" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  tids="$(grep -lx raft-log-flush /proc/{"${keepers[0]}","${keepers[1]}","${keepers[2]}"}/task/*/comm |
+    cut -d/ -f5 | paste -sd,)"
+  perf record -q -t "$tids" -o "$work/flush.data" \
+    -e syscalls:sys_enter_pwrite64,syscalls:sys_exit_pwrite64,syscalls:sys_enter_fdatasync,syscalls:sys_exit_fdatasync \
+    -- sleep "$trace_seconds" >/dev/null 2>&1
+}
+flush_report() {
+  perf script -i "$work/flush.data" -F tid,time,event 2>/dev/null | python3 -c '
+import collections, sys
+state, took = collections.defaultdict(dict), collections.defaultdict(list)
+for line in sys.stdin:
+    tid, at, event = line.split()[:3]
+    at, event, s = float(at.rstrip(":")), event.rstrip(":"), state[tid]
+    call = "pwrite" if "pwrite" in event else "fdatasync"
+    if "enter" in event:
+        if call == "pwrite" and "synced" in s:
+            took["idle between syncs"].append(at - s["synced"])
+        s[call] = at
+    elif call in s:
+        took[call].append(at - s.pop(call))
+        if call == "fdatasync":
+            s["synced"] = at
+for name in ("pwrite", "fdatasync", "idle between syncs"):
+    v = sorted(took[name])
+    if v:
+        p = lambda q: v[min(len(v) - 1, int(len(v) * q))] * 1e6
+        print(f"flushers {name}: {len(v)} calls, p50 {p(0.5):.0f} us, p90 {p(0.9):.0f} us, "
+              f"p99 {p(0.99):.0f} us, mean {sum(v) / len(v) * 1e6:.0f} us")'
+}
+
 ticks0="$(cpu_ticks)"; switches0="$(switches)"; read -r all0 idle0 <<<"$(machine)"
 "$bench" run --system keeper --endpoints "$targets" --out "$work/bench.json" "${args[@]}" >"$work/bench.txt" 2>&1 &
 bench_pid=$!
+tracer_pid=""
+if [[ -n $trace_seconds ]]; then
+  trace_flushers &
+  tracer_pid=$!
+fi
 while kill -0 "$bench_pid" 2>/dev/null; do
   grep -q "put c=$last: done" "$work/bench.txt" && break
   sleep 0.2
@@ -122,3 +178,7 @@ awk -v t=$((ticks1 - ticks0)) -v hz="$(getconf CLK_TCK)" -v p="$puts" -v s=$((sw
   printf "keeper CPU: %.2f s for %d puts = %.2f ticks (1/%d s) per 1000 puts; context switches %d; machine idle %.1f%%\n",
     t / hz, p, t * 1000 / p, hz, s, 100 * i / a
   printf "keeper-bench CPU (whole run): %.2f ticks per 1000 puts\n", b * 1000 / p }'
+if [[ -n $tracer_pid ]]; then
+  wait "$tracer_pid" || true
+  if [[ -s $work/flush.data ]]; then flush_report; else log "no flusher trace (the phase ended first?)"; fi
+fi
