@@ -336,6 +336,15 @@ fn use_spare(dir: &Path, seq: u64) -> io::Result<Option<File>> {
     open_direct(&path, OpenOptions::new().write(true)).map(Some)
 }
 
+/// Starts segment `seq`: the spare if `try_spare` and there is one, else a new empty file. The
+/// second value says whether the segment is zero-filled.
+fn start_segment(dir: &Path, seq: u64, try_spare: bool) -> io::Result<(File, bool)> {
+    if try_spare && let Some(file) = use_spare(dir, seq)? {
+        return Ok((file, true));
+    }
+    Ok((create_segment(dir, seq)?, false))
+}
+
 /// The zero-filling of the next segment, on a thread of its own.
 struct SparePrep {
     stop: Arc<AtomicBool>,
@@ -509,12 +518,7 @@ impl Journal {
                 "raft log journal replayed"
             );
         }
-        let spare = use_spare(dir, seq)?;
-        let prefilled = spare.is_some();
-        let file = match spare {
-            Some(file) => file,
-            None => create_segment(dir, seq)?,
-        };
+        let (file, prefilled) = start_segment(dir, seq, true)?;
         let mut journal = Journal {
             dir: dir.to_path_buf(),
             db,
@@ -596,18 +600,12 @@ impl Journal {
         }
         let seq = self.seq + 1;
         // Still filling: this segment is extended and rotated once the spare is ready.
-        let spare = match self.spare_ready() {
-            true => use_spare(&self.dir, seq)?,
-            false => None,
-        };
+        let ready = self.spare_ready();
+        let (file, prefilled) = start_segment(&self.dir, seq, ready)?;
         if !matches!(self.spare, Spare::Filling(_)) {
             self.spare = Spare::Idle;
         }
-        self.prefilled = spare.is_some();
-        self.file = match spare {
-            Some(file) => file,
-            None => create_segment(&self.dir, seq)?,
-        };
+        (self.file, self.prefilled) = (file, prefilled);
         self.seq = seq;
         self.offset = 0;
         self.buf.clear();
