@@ -7,10 +7,12 @@
 //! writes pile up and leave together in the next batch, so batches grow with the load and a lone
 //! write still leaves at once.
 //!
-//! Batches travel on one long-lived `ForwardStream` per leader ([`Link`]), each message carrying a
+//! Batches travel on one long-lived stream per leader ([`Link`]), each message carrying a
 //! sequence number its answer repeats: a batch costs one message each way instead of an HTTP/2
-//! stream with its headers, trailers and server task. A leader without that RPC (an older version,
-//! during a rolling upgrade) gets each batch as a unary `Forward` of [`Forwarded::Writes`].
+//! stream with its headers, trailers and server task. The stream is a peer link (`link.rs`); a
+//! leader that predates links gets a gRPC `ForwardStream`, and one without that RPC either (an
+//! older version still, during a rolling upgrade) each batch as a unary `Forward` of
+//! [`Forwarded::Writes`].
 
 use std::collections::HashMap;
 use std::collections::HashSet;
@@ -19,6 +21,8 @@ use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 
+use futures::Stream;
+use futures::StreamExt;
 use futures::channel::mpsc::UnboundedSender;
 use longlink_proto::raftpb::RaftMessage;
 use serde::Deserialize;
@@ -28,6 +32,7 @@ use tokio::sync::mpsc;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use crate::link;
 use crate::network::Peers;
 use crate::types::NodeId;
 use crate::types::decode;
@@ -355,20 +360,44 @@ impl Link {
         addr: &str,
         deadline: Instant,
     ) -> std::result::Result<Arc<Link>, tonic::Status> {
-        let (tx, rx) = futures::channel::mpsc::unbounded();
+        let (tx, rx) = futures::channel::mpsc::unbounded::<RaftMessage>();
+        let state = Arc::new(Mutex::new(LinkState::default()));
+        let link = Arc::new(Link {
+            addr: addr.to_string(),
+            tx,
+            state: state.clone(),
+            next_seq: AtomicU64::new(1),
+        });
+        if peers.links_to(addr) {
+            let timeout = deadline.saturating_duration_since(Instant::now());
+            match link::open(addr, link::Kind::Forward, timeout).await {
+                Ok((frames, sink)) => {
+                    // Ends when the `Link` (its sender) is dropped, which closes the link.
+                    let peer = addr.to_string();
+                    tokio::spawn(async move {
+                        if let Err(e) = link::send_all(sink, rx.map(|m| m.data)).await {
+                            tracing::debug!(leader = peer, error = %e, "forward link write failed");
+                        }
+                    });
+                    tokio::spawn(read_answers(link::messages(frames), state));
+                    return Ok(link);
+                }
+                Err(link::OpenError::Refused) => peers.link_refused(addr),
+                Err(e) => {
+                    return Err(tonic::Status::unavailable(format!(
+                        "opening the forward link: {e}"
+                    )));
+                }
+            }
+        }
         let mut client = peers.client(addr);
         let answers = tokio::time::timeout_at(deadline, client.forward_stream(rx))
             .await
             .map_err(|_| tonic::Status::unavailable("opening the forward stream timed out"))??
-            .into_inner();
-        let state = Arc::new(Mutex::new(LinkState::default()));
-        tokio::spawn(read_answers(answers, state.clone()));
-        Ok(Arc::new(Link {
-            addr: addr.to_string(),
-            tx,
-            state,
-            next_seq: AtomicU64::new(1),
-        }))
+            .into_inner()
+            .map(|answer| answer.map(|m| m.data).map_err(|status| status.to_string()));
+        tokio::spawn(read_answers(answers, state));
+        Ok(link)
     }
 
     fn ended(&self) -> bool {
@@ -424,10 +453,14 @@ impl Link {
 
 /// Hands each answer on `answers` to its batch; when the stream ends, fails every batch still
 /// waiting (sent, so perhaps proposed: they are not retried).
-async fn read_answers(mut answers: tonic::Streaming<RaftMessage>, state: Arc<Mutex<LinkState>>) {
+async fn read_answers<A: AsRef<[u8]>>(
+    answers: impl Stream<Item = std::result::Result<A, String>>,
+    state: Arc<Mutex<LinkState>>,
+) {
+    let mut answers = std::pin::pin!(answers);
     let reason = loop {
-        match answers.message().await {
-            Ok(Some(msg)) => match decode::<StreamedReplies>(&msg.data) {
+        match answers.next().await {
+            Some(Ok(msg)) => match decode::<StreamedReplies>(msg.as_ref()) {
                 Ok(answer) => {
                     let waiting = state
                         .lock()
@@ -440,8 +473,8 @@ async fn read_answers(mut answers: tonic::Streaming<RaftMessage>, state: Arc<Mut
                 }
                 Err(e) => break format!("undecodable answer: {e}"),
             },
-            Ok(None) => break "the leader closed it".to_string(),
-            Err(status) => break status.to_string(),
+            None => break "the leader closed it".to_string(),
+            Some(Err(e)) => break e,
         }
     };
     let waiting = {
@@ -563,7 +596,9 @@ mod tests {
     impl Group {
         /// Three nodes (data in `dirs`) serving their peer service on loopback, with a leader
         /// elected.
-        async fn start(dirs: &[PathBuf; 3], refuse_streams: bool) -> Group {
+        /// With `links` false the servers answer peer links with HTTP/2, as a version that
+        /// predates them would.
+        async fn start(dirs: &[PathBuf; 3], refuse_streams: bool, links: bool) -> Group {
             let mut listeners = Vec::new();
             let mut members = BTreeMap::new();
             for id in 1..=3u64 {
@@ -583,7 +618,26 @@ mod tests {
                     refuse_streams,
                 };
                 calls.push(recorded.calls.clone());
-                let incoming = tonic::transport::server::TcpIncoming::from(listener);
+                // Peer links go to the node (counted as calls of "/link"), the rest to gRPC.
+                let (to_grpc, incoming) = futures::channel::mpsc::unbounded();
+                let (server, served) = (node.clone(), recorded.calls.clone());
+                tokio::spawn(async move {
+                    while let Ok((stream, _)) = listener.accept().await {
+                        let mut first = [0u8; 1];
+                        if links
+                            && matches!(stream.peek(&mut first).await, Ok(1) if crate::is_link(first[0]))
+                        {
+                            served.lock().unwrap().push("/link".into());
+                            let server = server.clone();
+                            tokio::spawn(async move { server.serve_link(stream).await });
+                        } else if to_grpc
+                            .unbounded_send(Ok::<_, std::io::Error>(stream))
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                });
                 let mut stop_rx = stop.subscribe();
                 let stopped = async move {
                     let _ = stop_rx.wait_for(|stop| *stop).await;
@@ -653,8 +707,9 @@ mod tests {
     async fn two_rounds_through_a_follower(
         dirs: &[PathBuf; 3],
         refuse_streams: bool,
+        links: bool,
     ) -> (Group, usize) {
-        let group = Group::start(dirs, refuse_streams).await;
+        let group = Group::start(dirs, refuse_streams, links).await;
         let (leader, follower) = group.leader_and_follower();
         count_through(&group.nodes[follower], 0, 40).await;
         count_through(&group.nodes[follower], 40, 40).await;
@@ -679,9 +734,27 @@ mod tests {
     }
 
     #[test]
-    fn writes_through_a_follower_share_one_stream_to_the_leader() {
+    fn replication_and_forwarded_writes_travel_on_peer_links() {
         with_three_dirs(|dirs| async move {
-            let (group, leader) = two_rounds_through_a_follower(&dirs, false).await;
+            let (group, leader) = two_rounds_through_a_follower(&dirs, false, true).await;
+            // Links from the follower that forwarded (and from any node that led before the
+            // leader settled), none of the gRPC streams.
+            assert!(group.served(leader, "link") >= 1);
+            assert_eq!(group.served(leader, "ForwardStream"), 0);
+            assert_eq!(group.served(leader, "Forward"), 0);
+            // The leader replicates to each follower over a link, not `StreamAppend`.
+            for follower in (0..3).filter(|&i| i != leader) {
+                assert!(group.served(follower, "link") >= 1);
+                assert_eq!(group.served(follower, "StreamAppend"), 0);
+            }
+            group.stop().await;
+        });
+    }
+
+    #[test]
+    fn writes_through_a_follower_share_one_stream_to_a_leader_without_links() {
+        with_three_dirs(|dirs| async move {
+            let (group, leader) = two_rounds_through_a_follower(&dirs, false, false).await;
             // Every batch of both rounds went over the one stream; none as a call of its own.
             assert_eq!(group.served(leader, "ForwardStream"), 1);
             assert_eq!(group.served(leader, "Forward"), 0);
@@ -692,7 +765,7 @@ mod tests {
     #[test]
     fn a_leader_without_forward_streams_gets_batches_as_unary_calls() {
         with_three_dirs(|dirs| async move {
-            let (group, leader) = two_rounds_through_a_follower(&dirs, true).await;
+            let (group, leader) = two_rounds_through_a_follower(&dirs, true, false).await;
             // The stream was tried once; the follower remembered the answer.
             assert_eq!(group.served(leader, "ForwardStream"), 1);
             assert!(group.served(leader, "Forward") >= 1);

@@ -9,6 +9,7 @@ mod db;
 mod error;
 mod forward;
 mod journal;
+mod link;
 mod local_writes;
 mod log_store;
 mod network;
@@ -20,6 +21,7 @@ mod types;
 
 pub use error::Error;
 pub use error::Result;
+pub use link::is_link;
 pub use node::NodeConfig;
 pub use node::NodeStatus;
 pub use node::RaftNode;

@@ -1,7 +1,9 @@
 //! Sends openraft's RPCs to peers over gRPC (`longlink.raft.RaftPeer`).
 //!
 //! Messages are openraft's own types encoded with bincode; the protobuf layer only carries bytes.
-//! One HTTP/2 channel per peer is shared by heartbeats, appends and snapshots.
+//! One HTTP/2 channel per peer is shared by votes, snapshots and leader transfers; the append
+//! stream goes over a peer link of its own (`link.rs`), or over that channel to a peer that
+//! predates links.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -29,6 +31,7 @@ use openraft::network::v2::RaftNetworkV2;
 use tonic::transport::Channel;
 use tonic::transport::Endpoint;
 
+use crate::link;
 use crate::types::AppendEntriesRequest;
 use crate::types::AppendEntriesResponse;
 use crate::types::Node;
@@ -100,13 +103,39 @@ impl AppendWindow {
 /// A client of one peer's Raft service; unary calls go out in one write (`OneWrite`).
 pub type PeerClient = RaftPeerClient<OneWrite<Channel>>;
 
+/// How long opening a peer link may take before the peer counts as unreachable.
+pub(crate) const LINK_OPEN_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a peer that answered a link with HTTP/2 (an older version) gets gRPC streams before
+/// a link is tried again (it may have been upgraded meanwhile).
+const LINK_RETRY: Duration = Duration::from_secs(60);
+
 /// Peer channels, shared by Raft replication and by application forwarding.
 #[derive(Clone, Default)]
 pub struct Peers {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// Peers that refused a link, and when.
+    no_links: Arc<Mutex<HashMap<String, std::time::Instant>>>,
 }
 
 impl Peers {
+    /// Whether streams to `addr` should try a peer link first.
+    pub(crate) fn links_to(&self, addr: &str) -> bool {
+        let no_links = self.no_links.lock().expect("peer link map poisoned");
+        no_links
+            .get(addr)
+            .is_none_or(|refused| refused.elapsed() >= LINK_RETRY)
+    }
+
+    /// `addr` answered a link as an HTTP/2 server: streams to it use gRPC for a while.
+    pub(crate) fn link_refused(&self, addr: &str) {
+        tracing::info!(
+            peer = addr,
+            "the peer does not serve links (an older version); its streams use gRPC"
+        );
+        let mut no_links = self.no_links.lock().expect("peer link map poisoned");
+        no_links.insert(addr.to_string(), std::time::Instant::now());
+    }
+
     /// A client for the peer at `addr` (host:port); connects lazily and reconnects by itself.
     pub fn client(&self, addr: &str) -> PeerClient {
         RaftPeerClient::new(self.channel(addr))
@@ -139,7 +168,9 @@ impl RaftNetworkFactory<TypeConfig> for Peers {
     async fn new_client(&mut self, target: NodeId, node: &Node) -> PeerConnection {
         PeerConnection {
             target,
+            addr: node.addr.clone(),
             client: self.client(&node.addr),
+            peers: self.clone(),
         }
     }
 }
@@ -147,7 +178,9 @@ impl RaftNetworkFactory<TypeConfig> for Peers {
 /// openraft's connection to one peer.
 pub struct PeerConnection {
     target: NodeId,
+    addr: String,
     client: PeerClient,
+    peers: Peers,
 }
 
 fn status_to_rpc(target: NodeId, status: tonic::Status) -> RpcError {
@@ -158,6 +191,12 @@ fn status_to_rpc(target: NodeId, status: tonic::Status) -> RpcError {
         }
         _ => RpcError::Network(NetworkError::new(&err)),
     }
+}
+
+fn unreachable(target: NodeId, e: impl std::fmt::Display) -> RpcError {
+    RpcError::Unreachable(Unreachable::new(&AnyError::error(format!(
+        "peer {target}: {e}"
+    ))))
 }
 
 fn codec_error(e: String) -> RpcError {
@@ -221,6 +260,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
     {
         let target = self.target;
         let mut client = self.client.clone();
+        let (peers, addr) = (self.peers.clone(), self.addr.clone());
         let window = AppendWindow::new(APPENDS_IN_FLIGHT);
         let input = window.gate(input);
         Box::pin(async move {
@@ -228,7 +268,31 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
             let outbound = input
                 .map(|req| encode(&req))
                 .take_while(|r| futures::future::ready(r.is_ok()))
-                .filter_map(|r| futures::future::ready(r.ok().map(|data| RaftMessage { data })));
+                .filter_map(|r| futures::future::ready(r.ok()));
+            if peers.links_to(&addr) {
+                match link::open(&addr, link::Kind::Append, LINK_OPEN_TIMEOUT).await {
+                    Ok((frames, sink)) => {
+                        // The writer stops when openraft drops the answers (or the input ends).
+                        let writer = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+                            async move {
+                                if let Err(e) = link::send_all(sink, outbound).await {
+                                    tracing::debug!(peer = target, error = %e, "append link write failed");
+                                }
+                            },
+                        ));
+                        let results = link::messages(frames).map(move |item| {
+                            let _writer = &writer;
+                            window.answered();
+                            let msg = item.map_err(|e| unreachable(target, e))?;
+                            decode::<StreamAppendResult>(&msg).map_err(codec_error)
+                        });
+                        return Ok(Box::pin(results) as BoxStream<'s, _>);
+                    }
+                    Err(link::OpenError::Refused) => peers.link_refused(&addr),
+                    Err(e) => return Err(unreachable(target, e)),
+                }
+            }
+            let outbound = outbound.map(|data| RaftMessage { data });
             let replies = client
                 .stream_append(outbound)
                 .await

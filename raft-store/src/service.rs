@@ -67,6 +67,64 @@ type ReplyStream = Pin<Box<dyn Stream<Item = Result<RaftMessage, Status>> + Send
 /// sends one at a time (`forward::MAX_IN_FLIGHT`), so this only bounds a misbehaving peer.
 const FORWARD_STREAM_BATCHES: usize = 16;
 
+/// Answers a leader's stream of append requests: each goes to openraft, each result comes back
+/// encoded, in order. Ends with an error when Raft stops. Shared by the gRPC `StreamAppend` and
+/// the peer link (`link.rs`).
+pub(crate) fn append_replies<M: StateMachine>(
+    node: &RaftNode<M>,
+    input: impl Stream<Item = AppendEntriesRequest> + Send + 'static,
+) -> impl Stream<Item = Result<Vec<u8>, String>> + Send + 'static {
+    node.inner
+        .raft
+        .stream_append(Box::pin(input))
+        .map(|result| match result {
+            Ok(r) => encode(&r),
+            Err(e) => Err(format!("raft stopped: {e}")),
+        })
+}
+
+/// Answers a follower's stream of forwarded batches (encoded [`StreamedBatch`]es): proposes each
+/// and sends back its [`StreamedReplies`], up to [`FORWARD_STREAM_BATCHES`] batches at a time,
+/// answers in the order they are ready. An undecodable batch ends the stream with an error. No
+/// new batches are taken once the node closes its peer streams (those taken are still
+/// answered); `None` when it already has, so the follower retries on the next leader. Shared by
+/// the gRPC `ForwardStream` and the peer link.
+pub(crate) fn forward_answers<M, B>(
+    node: &RaftNode<M>,
+    batches: impl Stream<Item = Result<B, String>> + Send + 'static,
+) -> Option<impl Stream<Item = Result<Vec<u8>, String>> + Send + 'static>
+where
+    M: StateMachine,
+    B: AsRef<[u8]> + Send + 'static,
+{
+    let mut closed = node.inner.peer_streams_closed.subscribe();
+    if *closed.borrow_and_update() {
+        return None;
+    }
+    let closing = async move {
+        let _ = closed.wait_for(|closed| *closed).await;
+    };
+    let node = node.clone();
+    let answers = batches
+        .take_until(closing)
+        .map(move |batch| {
+            let node = node.clone();
+            async move {
+                let batch: StreamedBatch = decode(batch?.as_ref())
+                    .map_err(|e| format!("undecodable forwarded batch: {e}"))?;
+                let commands = batch.commands.into_iter().map(|c| c.into_vec()).collect();
+                let replies = write_many(&node.inner.raft, &node.inner.purges, commands).await;
+                let answer = StreamedReplies {
+                    seq: batch.seq,
+                    replies,
+                };
+                encode(&answer)
+            }
+        })
+        .buffer_unordered(FORWARD_STREAM_BATCHES);
+    Some(answers)
+}
+
 #[tonic::async_trait]
 impl<M: StateMachine> RaftPeer for PeerService<M> {
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
@@ -110,12 +168,10 @@ impl<M: StateMachine> RaftPeer for PeerService<M> {
                 m.ok()
                     .and_then(|m| decode::<AppendEntriesRequest>(&m.data).ok())
             });
-        let output = self.node.inner.raft.stream_append(Box::pin(input));
-        let replies = output.map(|result| match result {
-            Ok(r) => encode(&r)
+        let replies = append_replies(&self.node, input).map(|reply| {
+            reply
                 .map(|data| RaftMessage { data })
-                .map_err(Status::internal),
-            Err(e) => Err(fatal(e)),
+                .map_err(Status::unavailable)
         });
         Ok(Response::new(Box::pin(replies)))
     }
@@ -186,35 +242,16 @@ impl<M: StateMachine> RaftPeer for PeerService<M> {
         &self,
         request: Request<Streaming<RaftMessage>>,
     ) -> Result<Response<Self::ForwardStreamStream>, Status> {
-        let node = self.node.clone();
-        // No new batches once the server is shutting down; those taken are still answered. A
-        // stream opened after that is refused before it takes any (the follower then retries
-        // on the next leader).
-        let mut closed = self.node.inner.peer_streams_closed.subscribe();
-        if *closed.borrow_and_update() {
-            return Err(Status::unavailable("this node is shutting down"));
-        }
-        let closing = async move {
-            let _ = closed.wait_for(|closed| *closed).await;
-        };
-        let answers = request
+        let messages = request
             .into_inner()
-            .take_until(closing)
-            .map(move |msg| {
-                let node = node.clone();
-                async move {
-                    let batch: StreamedBatch = decode_msg(&msg?)?;
-                    let commands = batch.commands.into_iter().map(|c| c.into_vec()).collect();
-                    let replies = write_many(&node.inner.raft, &node.inner.purges, commands).await;
-                    let answer = StreamedReplies {
-                        seq: batch.seq,
-                        replies,
-                    };
-                    let data = encode(&answer).map_err(Status::internal)?;
-                    Ok(RaftMessage { data })
-                }
-            })
-            .buffer_unordered(FORWARD_STREAM_BATCHES);
+            .map(|m| m.map(|m| m.data).map_err(|status| status.to_string()));
+        let answers = forward_answers(&self.node, messages)
+            .ok_or_else(|| Status::unavailable("this node is shutting down"))?
+            .map(|answer| {
+                answer
+                    .map(|data| RaftMessage { data })
+                    .map_err(Status::invalid_argument)
+            });
         Ok(Response::new(Box::pin(answers)))
     }
 

@@ -153,7 +153,17 @@ pub async fn serve(
         serve::route(ClusterServer::from_arc(keeper.clone())),
         serve::route(MaintenanceServer::from_arc(keeper.clone())),
     ]);
-    serve::serve(listener, router, stopping).await;
+    let links: serve::LinkFn = {
+        let node = node.clone();
+        Arc::new(move |stream| {
+            let node = node.clone();
+            Box::pin(async move {
+                node.serve_link(stream).await;
+                Ok(())
+            })
+        })
+    };
+    serve::serve(listener, router, Some(links), stopping).await;
 
     shutdown.cancel();
     tasks.close();

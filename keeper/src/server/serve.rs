@@ -5,6 +5,9 @@
 //! With every client on one node, that plumbing took ~9% of the node's CPU at 64 clients, two
 //! thirds of what the Put handler itself cost (docs/decisions.md). The keeper's services are
 //! fixed, so the request path's service name picks the service directly.
+//!
+//! The same port serves raft-store's peer links (plain framed TCP for replication and forwarded
+//! writes): a connection whose first byte marks a link goes to the Raft node instead of HTTP/2.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -19,6 +22,7 @@ use hyper_util::rt::TokioTimer;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::net::TcpStream;
 use tonic::body::Body;
 use tonic::codegen::BoxFuture;
 use tonic::codegen::Service;
@@ -100,10 +104,19 @@ impl Service<http::Request<hyper::body::Incoming>> for Router {
     }
 }
 
+/// Serves one peer link connection (`raft_store::is_link`), returning when it ends.
+pub(crate) type LinkFn = Arc<dyn Fn(TcpStream) -> BoxFuture<(), Infallible> + Send + Sync>;
+
 /// Serves `router` on `listener` until `stop` completes, then stops accepting, tells every
 /// connection to finish (HTTP/2 GOAWAY: requests in progress complete, no new ones start) and
-/// returns once they have.
-pub(crate) async fn serve(listener: TcpListener, router: Router, stop: impl Future<Output = ()>) {
+/// returns once they have. Peer link connections go to `links`; they end with the Raft node's
+/// peer streams, not here.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    router: Router,
+    links: Option<LinkFn>,
+    stop: impl Future<Output = ()>,
+) {
     let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     // No `date` header: gRPC clients ignore it (etcd sends none), and hyper would read the clock
     // and allocate it for every response.
@@ -128,13 +141,26 @@ pub(crate) async fn serve(listener: TcpListener, router: Router, stop: impl Futu
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(%peer, error = %e, "setting TCP_NODELAY failed");
         }
-        let connection = http.serve_connection(
-            TokioIo::new(stream),
-            TowerToHyperService::new(router.clone()),
-        );
-        let connection = graceful.watch(connection);
+        let (http, router, links) = (http.clone(), router.clone(), links.clone());
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            if let Some(links) = links {
+                let mut first = [0u8; 1];
+                match stream.peek(&mut first).await {
+                    Ok(1) if raft_store::is_link(first[0]) => {
+                        let _ = links(stream).await;
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::debug!(%peer, %error, "connection failed before its first byte");
+                        return;
+                    }
+                }
+            }
+            let connection =
+                http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(router));
+            if let Err(error) = watcher.watch(connection).await {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
         });
@@ -163,7 +189,7 @@ mod tests {
         });
         let router = Router::new(vec![("etcdserverpb.KV", kv)]);
         let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, router, async {
+        let server = tokio::spawn(serve(listener, router, None, async {
             let _ = stopped.await;
         }));
 
