@@ -742,10 +742,25 @@ mod tests {
             assert!(group.served(leader, "link") >= 1);
             assert_eq!(group.served(leader, "ForwardStream"), 0);
             assert_eq!(group.served(leader, "Forward"), 0);
-            // The leader replicates to each follower over a link, not `StreamAppend`.
+            // The leader replicates to each follower over a link; heartbeats, one request per
+            // stream, keep to gRPC's `StreamAppend` instead of a connection each.
             for follower in (0..3).filter(|&i| i != leader) {
                 assert!(group.served(follower, "link") >= 1);
-                assert_eq!(group.served(follower, "StreamAppend"), 0);
+                let (links, heartbeats) = (
+                    group.served(follower, "link"),
+                    group.served(follower, "StreamAppend"),
+                );
+                let more = heartbeats + 5;
+                let mut waited = 0;
+                while group.served(follower, "StreamAppend") < more {
+                    assert!(
+                        waited < 1000,
+                        "no heartbeats reached node {follower} in 10 s"
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    waited += 1;
+                }
+                assert_eq!(group.served(follower, "link"), links);
             }
             group.stop().await;
         });
