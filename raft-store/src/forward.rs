@@ -375,7 +375,7 @@ impl Link {
                     // Ends when the `Link` (its sender) is dropped, which closes the link.
                     let peer = addr.to_string();
                     tokio::spawn(async move {
-                        if let Err(e) = link::send_all(sink, rx.map(|m| m.data)).await {
+                        if let Err(e) = link::send_all(sink, rx.map(|m| Ok(m.data))).await {
                             tracing::debug!(leader = peer, error = %e, "forward link write failed");
                         }
                     });
@@ -623,10 +623,7 @@ mod tests {
                 let (server, served) = (node.clone(), recorded.calls.clone());
                 tokio::spawn(async move {
                     while let Ok((stream, _)) = listener.accept().await {
-                        let mut first = [0u8; 1];
-                        if links
-                            && matches!(stream.peek(&mut first).await, Ok(1) if crate::is_link(first[0]))
-                        {
+                        if links && crate::is_link(&stream).await.unwrap_or(false) {
                             served.lock().unwrap().push("/link".into());
                             let server = server.clone();
                             tokio::spawn(async move { server.serve_link(stream).await });

@@ -54,9 +54,12 @@ const USER_TIMEOUT: Duration = Duration::from_secs(5);
 /// An idle connection is probed after this long, then every second, three times.
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
 
-/// Whether a connection whose first byte is `first` is a peer link (else HTTP/2).
-pub fn is_link(first: u8) -> bool {
-    first == PREFACE[0]
+/// Whether `stream`, a connection to the node's port, is a peer link (else HTTP/2): looks at its
+/// first byte without reading it, so either server gets the connection whole. A connection that
+/// ends before its first byte is not a link.
+pub async fn is_link(stream: &TcpStream) -> io::Result<bool> {
+    let mut first = [0u8; 1];
+    Ok(stream.peek(&mut first).await? == 1 && first[0] == PREFACE[0])
 }
 
 /// The stream a link carries.
@@ -187,20 +190,20 @@ pub(crate) fn messages(frames: Frames) -> impl Stream<Item = Result<Bytes, Strin
 }
 
 /// Writes `messages` to `sink` until they end, then closes the sending side; whatever is ready
-/// at once goes out in one write.
+/// at once goes out in one write. An error among the messages stops the writing and is returned.
 pub(crate) async fn send_all(
     mut sink: FrameSink,
-    messages: impl Stream<Item = Vec<u8>> + Send,
+    messages: impl Stream<Item = io::Result<Vec<u8>>> + Send,
 ) -> io::Result<()> {
-    let mut messages = std::pin::pin!(messages.map(|m| Ok(Bytes::from(m))));
+    let mut messages = std::pin::pin!(messages.map(|m| m.map(Bytes::from)));
     sink.send_all(&mut messages).await?;
     SinkExt::<Bytes>::close(&mut sink).await
 }
 
 impl<M: StateMachine> RaftNode<M> {
-    /// Serves one peer link: `stream` is a connection to the node's port whose first byte
-    /// [`is_link`] (not yet read). Returns when the link ends; a connection that is not a
-    /// well-formed link is dropped with a log line saying why.
+    /// Serves one peer link: `stream` is a connection to the node's port that [`is_link`].
+    /// Returns when the link ends; a connection that is not a well-formed link is dropped with a
+    /// log line saying why.
     pub async fn serve_link(&self, stream: TcpStream) {
         let peer = stream.peer_addr().ok();
         if let Err(reason) = self.serve_link_inner(stream).await {
@@ -250,16 +253,9 @@ async fn reply(
     sink: FrameSink,
     replies: impl Stream<Item = Result<Vec<u8>, String>> + Send,
 ) -> Result<(), String> {
-    let failed = std::sync::Mutex::new(None);
-    let replies = replies
-        .map(|r| r.map_err(|e| *failed.lock().expect("link error slot poisoned") = Some(e)))
-        .take_while(|r| futures::future::ready(r.is_ok()))
-        .filter_map(|r| futures::future::ready(r.ok()));
-    send_all(sink, replies).await.map_err(|e| e.to_string())?;
-    match failed.into_inner().expect("link error slot poisoned") {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    send_all(sink, replies.map(|r| r.map_err(io::Error::other)))
+        .await
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -335,7 +331,7 @@ mod tests {
         });
         // The first batch is answered before the second is sent, so their order is known.
         let (tx, rx) = futures::channel::mpsc::unbounded();
-        let writer = tokio::spawn(send_all(sink, rx));
+        let writer = tokio::spawn(send_all(sink, rx.map(Ok)));
         let mut answers = messages(frames);
         let mut totals = Vec::new();
         for batch in batches {

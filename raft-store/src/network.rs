@@ -218,9 +218,7 @@ fn codec_error(e: String) -> RpcError {
 }
 
 fn timeout_error(target: NodeId, after: Duration) -> RpcError {
-    RpcError::Unreachable(Unreachable::new(&AnyError::error(format!(
-        "peer {target}: no answer within {after:?}"
-    ))))
+    unreachable(target, format!("no answer within {after:?}"))
 }
 
 impl PeerConnection {
@@ -289,7 +287,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
                         // The writer stops when openraft drops the answers (or the input ends).
                         let writer = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
                             async move {
-                                if let Err(e) = link::send_all(sink, outbound).await {
+                                if let Err(e) = link::send_all(sink, outbound.map(Ok)).await {
                                     tracing::debug!(peer = target, error = %e, "append link write failed");
                                 }
                             },

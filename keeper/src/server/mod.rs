@@ -157,10 +157,7 @@ pub async fn serve(
         let node = node.clone();
         Arc::new(move |stream| {
             let node = node.clone();
-            Box::pin(async move {
-                node.serve_link(stream).await;
-                Ok(())
-            })
+            Box::pin(async move { node.serve_link(stream).await })
         })
     };
     serve::serve(listener, router, Some(links), stopping).await;

@@ -105,7 +105,8 @@ impl Service<http::Request<hyper::body::Incoming>> for Router {
 }
 
 /// Serves one peer link connection (`raft_store::is_link`), returning when it ends.
-pub(crate) type LinkFn = Arc<dyn Fn(TcpStream) -> BoxFuture<(), Infallible> + Send + Sync>;
+pub(crate) type LinkFn =
+    Arc<dyn Fn(TcpStream) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
 
 /// Serves `router` on `listener` until `stop` completes, then stops accepting, tells every
 /// connection to finish (HTTP/2 GOAWAY: requests in progress complete, no new ones start) and
@@ -145,13 +146,9 @@ pub(crate) async fn serve(
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             if let Some(links) = links {
-                let mut first = [0u8; 1];
-                match stream.peek(&mut first).await {
-                    Ok(1) if raft_store::is_link(first[0]) => {
-                        let _ = links(stream).await;
-                        return;
-                    }
-                    Ok(_) => {}
+                match raft_store::is_link(&stream).await {
+                    Ok(true) => return links(stream).await,
+                    Ok(false) => {}
                     Err(error) => {
                         tracing::debug!(%peer, %error, "connection failed before its first byte");
                         return;
