@@ -12,11 +12,14 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::task::Context;
 use std::task::Poll;
 use std::time::Duration;
 
-use hyper_util::rt::TokioExecutor;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use futures::task::AtomicWaker;
 use hyper_util::rt::TokioIo;
 use hyper_util::rt::TokioTimer;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -34,6 +37,8 @@ const KEEPALIVE: Duration = Duration::from_secs(10);
 /// How long the server pauses accepting after an accept error (out of file descriptors, say),
 /// instead of spinning on it.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// Rounds of (connection, handlers) one poll of a connection's task runs before it yields.
+const MAX_TURNS: usize = 16;
 
 /// Turns a tonic service (a generated `*Server`) into a route under its name.
 pub(crate) fn route<S>(service: S) -> (&'static str, RouteFn)
@@ -118,12 +123,6 @@ pub(crate) async fn serve(
     links: Option<LinkFn>,
     stop: impl Future<Output = ()>,
 ) {
-    let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    // No `date` header: gRPC clients ignore it (etcd sends none), and hyper would read the clock
-    // and allocate it for every response.
-    http.timer(TokioTimer::new())
-        .keep_alive_interval(Some(KEEPALIVE))
-        .auto_date_header(false);
     let graceful = GracefulShutdown::new();
     tokio::pin!(stop);
     loop {
@@ -142,7 +141,7 @@ pub(crate) async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(%peer, error = %e, "setting TCP_NODELAY failed");
         }
-        let (http, router, links) = (http.clone(), router.clone(), links.clone());
+        let (router, links) = (router.clone(), links.clone());
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             if let Some(links) = links {
@@ -155,15 +154,99 @@ pub(crate) async fn serve(
                     }
                 }
             }
+            let handlers = ConnectionHandlers::default();
+            let mut http = hyper::server::conn::http2::Builder::new(handlers.clone());
+            // No `date` header: gRPC clients ignore it (etcd sends none), and hyper would read
+            // the clock and allocate it for every response.
+            http.timer(TokioTimer::new())
+                .keep_alive_interval(Some(KEEPALIVE))
+                .auto_date_header(false);
             let connection =
                 http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(router));
-            if let Err(error) = watcher.watch(connection).await {
+            if let Err(error) = handlers.drive(watcher.watch(connection)).await {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
         });
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// Runs the request handlers of one HTTP/2 connection inside the connection's own task.
+///
+/// hyper hands every request stream (its handler, then the response body) to an executor. With
+/// tokio's, each request was a task: spawned, scheduled, woken by its reply and again by
+/// every response frame it queued for the connection's task to write. Here the handlers are
+/// futures that the connection's task polls next to the connection, so a request costs a
+/// boxed future, the replies that complete together wake one task, and the connection writes
+/// the responses of the handlers it just polled in the same turn.
+#[derive(Clone, Default)]
+struct ConnectionHandlers {
+    shared: Arc<Spawned>,
+}
+
+#[derive(Default)]
+struct Spawned {
+    /// Handlers hyper started since the connection's task last took them.
+    queue: Mutex<Vec<futures::future::BoxFuture<'static, ()>>>,
+    /// The connection's task, woken when a handler is queued outside its poll.
+    task: AtomicWaker,
+}
+
+impl<F> hyper::rt::Executor<F> for ConnectionHandlers
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, handler: F) {
+        self.shared
+            .queue
+            .lock()
+            .expect("handler queue lock")
+            .push(Box::pin(handler));
+        self.shared.task.wake();
+    }
+}
+
+impl ConnectionHandlers {
+    /// Polls `connection` and the handlers it starts until the connection has ended and every
+    /// handler has finished (as spawned handlers would have).
+    async fn drive<C: Future>(self, connection: C) -> C::Output {
+        let mut connection = std::pin::pin!(connection);
+        let mut ended = None;
+        let mut handlers = FuturesUnordered::new();
+        std::future::poll_fn(|cx| {
+            self.shared.task.register(cx.waker());
+            for _ in 0..MAX_TURNS {
+                if ended.is_none()
+                    && let Poll::Ready(output) = connection.as_mut().poll(cx)
+                {
+                    ended = Some(output);
+                }
+                let started =
+                    std::mem::take(&mut *self.shared.queue.lock().expect("handler queue lock"));
+                let mut progress = !started.is_empty();
+                handlers.extend(started);
+                while let Poll::Ready(Some(())) = handlers.poll_next_unpin(cx) {
+                    progress = true;
+                }
+                if ended.is_some() {
+                    return match handlers.is_empty() {
+                        true => Poll::Ready(ended.take().expect("the connection ended")),
+                        false => Poll::Pending,
+                    };
+                }
+                // A handler that finished queued its response: the connection writes it now
+                // rather than on its next wake-up.
+                if !progress {
+                    return Poll::Pending;
+                }
+            }
+            // Still busy: let the worker run other tasks first.
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
@@ -177,31 +260,63 @@ mod tests {
 
     use super::*;
 
+    /// A server with `kv` as its only route, one client connection to it, and what stops it.
+    struct TestServer {
+        channel: tonic::transport::Channel,
+        stop: oneshot::Sender<()>,
+        server: tokio::task::JoinHandle<()>,
+    }
+
+    impl TestServer {
+        async fn start(kv: RouteFn) -> Self {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let router = Router::new(vec![("etcdserverpb.KV", kv)]);
+            let (stop, stopped) = oneshot::channel::<()>();
+            let server = tokio::spawn(serve(listener, router, None, async {
+                let _ = stopped.await;
+            }));
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            Self {
+                channel,
+                stop,
+                server,
+            }
+        }
+
+        async fn range(&self) -> tonic::Status {
+            KvClient::new(self.channel.clone())
+                .range(RangeRequest::default())
+                .await
+                .unwrap_err()
+        }
+
+        /// Stopping ends the server once its connection has closed.
+        async fn stop(self) {
+            self.stop.send(()).unwrap();
+            drop(self.channel);
+            tokio::time::timeout(Duration::from_secs(10), self.server)
+                .await
+                .expect("the server stops within 10 s")
+                .unwrap();
+        }
+    }
+
+    fn answer(message: &'static str) -> BoxFuture<http::Response<Body>, Infallible> {
+        Box::pin(async move { Ok(tonic::Status::already_exists(message).into_http()) })
+    }
+
     #[tokio::test]
     async fn requests_reach_the_service_their_path_names_and_others_are_unimplemented() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let kv: RouteFn = Arc::new(|_| {
-            Box::pin(async { Ok(tonic::Status::already_exists("the kv route").into_http()) })
-        });
-        let router = Router::new(vec![("etcdserverpb.KV", kv)]);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, router, None, async {
-            let _ = stopped.await;
-        }));
-
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let status = KvClient::new(channel.clone())
-            .range(RangeRequest::default())
-            .await
-            .unwrap_err();
+        let server = TestServer::start(Arc::new(|_| answer("the kv route"))).await;
+        let status = server.range().await;
         assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
         assert_eq!(status.message(), "the kv route");
-        let status = LeaseClient::new(channel.clone())
+        let status = LeaseClient::new(server.channel.clone())
             .lease_grant(LeaseGrantRequest::default())
             .await
             .unwrap_err();
@@ -210,13 +325,64 @@ mod tests {
             status.message(),
             "no such method: /etcdserverpb.Lease/LeaseGrant"
         );
+        server.stop().await;
+    }
 
-        // Stopping ends the server once its connection has closed.
-        stop.send(()).unwrap();
-        drop(channel);
-        tokio::time::timeout(Duration::from_secs(10), server)
+    #[tokio::test]
+    async fn the_requests_of_one_connection_are_handled_concurrently() {
+        // Each handler waits for the other: served one after the other, neither would finish.
+        let both = Arc::new(tokio::sync::Barrier::new(2));
+        let server = TestServer::start(Arc::new(move |_| {
+            let both = both.clone();
+            Box::pin(async move {
+                both.wait().await;
+                answer("met").await
+            })
+        }))
+        .await;
+        let (first, second) = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(server.range(), server.range())
+        })
+        .await
+        .expect("two requests on one connection are answered together");
+        for status in [first, second] {
+            assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+            assert_eq!(status.message(), "met");
+        }
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn stopping_lets_the_requests_in_progress_finish() {
+        let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
+        let permit = release.clone();
+        let server = TestServer::start(Arc::new(move |_| {
+            let (started_tx, release) = (started_tx.clone(), permit.clone());
+            Box::pin(async move {
+                started_tx.send(()).unwrap();
+                let _ = release.acquire().await.unwrap();
+                answer("finished after the stop").await
+            })
+        }))
+        .await;
+        let channel = server.channel.clone();
+        let request = tokio::spawn(async move {
+            KvClient::new(channel)
+                .range(RangeRequest::default())
+                .await
+                .unwrap_err()
+        });
+        started.recv().await.unwrap();
+        server.stop.send(()).unwrap();
+        release.add_permits(1);
+        let status = request.await.unwrap();
+        assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+        assert_eq!(status.message(), "finished after the stop");
+        drop(server.channel);
+        tokio::time::timeout(Duration::from_secs(10), server.server)
             .await
-            .expect("the server stops within 10 s")
+            .expect("the server stops within 10 s once its connection closed")
             .unwrap();
     }
 }
