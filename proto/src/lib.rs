@@ -1,11 +1,14 @@
 //! Generated gRPC types: the etcd v3 API the keeper serves and the internal Raft peer service,
-//! and [`OneWrite`], the channel wrapper every client of these services uses.
+//! [`OneWrite`], the channel wrapper every client of these services uses, and [`ConnectionTasks`],
+//! which runs the work hyper starts for a connection inside the connection's task.
 //!
 //! The modules are siblings at the crate root because prost refers to other
 //! packages by relative path (`super::mvccpb::KeyValue`).
 
+mod connection_tasks;
 mod one_write;
 
+pub use connection_tasks::ConnectionTasks;
 pub use one_write::OneWrite;
 
 /// etcd key-value types (`mvccpb`).

@@ -12,18 +12,15 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::task::Context;
 use std::task::Poll;
 use std::time::Duration;
 
-use futures::StreamExt;
-use futures::stream::FuturesUnordered;
-use futures::task::AtomicWaker;
 use hyper_util::rt::TokioIo;
 use hyper_util::rt::TokioTimer;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use longlink_proto::ConnectionTasks;
 use tokio::net::TcpListener;
 use tokio::net::TcpStream;
 use tonic::body::Body;
@@ -37,8 +34,6 @@ const KEEPALIVE: Duration = Duration::from_secs(10);
 /// How long the server pauses accepting after an accept error (out of file descriptors, say),
 /// instead of spinning on it.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
-/// Rounds of (connection, handlers) one poll of a connection's task runs before it yields.
-const MAX_TURNS: usize = 16;
 
 /// Turns a tonic service (a generated `*Server`) into a route under its name.
 pub(crate) fn route<S>(service: S) -> (&'static str, RouteFn)
@@ -154,7 +149,8 @@ pub(crate) async fn serve(
                     }
                 }
             }
-            let handlers = ConnectionHandlers::default();
+            // The request handlers run in this task (docs/decisions.md).
+            let handlers = ConnectionTasks::default();
             let mut http = hyper::server::conn::http2::Builder::new(handlers.clone());
             // No `date` header: gRPC clients ignore it (etcd sends none), and hyper would read
             // the clock and allocate it for every response.
@@ -170,83 +166,6 @@ pub(crate) async fn serve(
     }
     drop(listener);
     graceful.shutdown().await;
-}
-
-/// Runs the request handlers of one HTTP/2 connection inside the connection's own task.
-///
-/// hyper hands every request stream (its handler, then the response body) to an executor. With
-/// tokio's, each request was a task: spawned, scheduled, woken by its reply and again by
-/// every response frame it queued for the connection's task to write. Here the handlers are
-/// futures that the connection's task polls next to the connection, so a request costs a
-/// boxed future, the replies that complete together wake one task, and the connection writes
-/// the responses of the handlers it just polled in the same turn.
-#[derive(Clone, Default)]
-struct ConnectionHandlers {
-    shared: Arc<Spawned>,
-}
-
-#[derive(Default)]
-struct Spawned {
-    /// Handlers hyper started since the connection's task last took them.
-    queue: Mutex<Vec<futures::future::BoxFuture<'static, ()>>>,
-    /// The connection's task, woken when a handler is queued outside its poll.
-    task: AtomicWaker,
-}
-
-impl<F> hyper::rt::Executor<F> for ConnectionHandlers
-where
-    F: Future<Output = ()> + Send + 'static,
-{
-    fn execute(&self, handler: F) {
-        self.shared
-            .queue
-            .lock()
-            .expect("handler queue lock")
-            .push(Box::pin(handler));
-        self.shared.task.wake();
-    }
-}
-
-impl ConnectionHandlers {
-    /// Polls `connection` and the handlers it starts until the connection has ended and every
-    /// handler has finished (as spawned handlers would have).
-    async fn drive<C: Future>(self, connection: C) -> C::Output {
-        let mut connection = std::pin::pin!(connection);
-        let mut ended = None;
-        let mut handlers = FuturesUnordered::new();
-        std::future::poll_fn(|cx| {
-            self.shared.task.register(cx.waker());
-            for _ in 0..MAX_TURNS {
-                if ended.is_none()
-                    && let Poll::Ready(output) = connection.as_mut().poll(cx)
-                {
-                    ended = Some(output);
-                }
-                let started =
-                    std::mem::take(&mut *self.shared.queue.lock().expect("handler queue lock"));
-                let mut progress = !started.is_empty();
-                handlers.extend(started);
-                while let Poll::Ready(Some(())) = handlers.poll_next_unpin(cx) {
-                    progress = true;
-                }
-                if ended.is_some() {
-                    return match handlers.is_empty() {
-                        true => Poll::Ready(ended.take().expect("the connection ended")),
-                        false => Poll::Pending,
-                    };
-                }
-                // A handler that finished queued its response: the connection writes it now
-                // rather than on its next wake-up.
-                if !progress {
-                    return Poll::Pending;
-                }
-            }
-            // Still busy: let the worker run other tasks first.
-            cx.waker().wake_by_ref();
-            Poll::Pending
-        })
-        .await
-    }
 }
 
 #[cfg(test)]
