@@ -6,6 +6,7 @@
 #   scripts/bench-keeper.sh --duration 2s    # extra arguments go to `keeper-bench run`
 #   BENCH_SYSTEMS=etcd scripts/bench-keeper.sh   # only one system (keeper, etcd, or both)
 #   KEEPER_CONFIG=my.toml scripts/bench-keeper.sh # keeper settings other than the defaults
+#   BENCH_BIN=/tmp/keeper-bench-before scripts/bench-keeper.sh # another load generator binary
 #   BENCH_ROUNDS=5 scripts/bench-keeper.sh --put-clients 64 --get-clients 0 --watch-connections 0
 #                                            # 5 rounds of puts at 64 clients; medians
 #
@@ -164,7 +165,7 @@ measure() {
   wait_healthy "$name" "$endpoints"
   log "$name: running keeper-bench"
   # In the background so that INT/TERM reach the trap at once instead of after the run.
-  launch "$bin/keeper-bench" run --system "$name" --endpoints "$endpoints" --out "$out/$file" "$@"
+  launch "${BENCH_BIN:-$bin/keeper-bench}" run --system "$name" --endpoints "$endpoints" --out "$out/$file" "$@"
   wait "$!"
   log "$name: stopping"
   stop_all
