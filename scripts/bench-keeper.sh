@@ -7,6 +7,7 @@
 #   BENCH_SYSTEMS=etcd scripts/bench-keeper.sh   # only one system (keeper, etcd, or both)
 #   KEEPER_CONFIG=my.toml scripts/bench-keeper.sh # keeper settings other than the defaults
 #   BENCH_BIN=/tmp/keeper-bench-before scripts/bench-keeper.sh # another load generator binary
+#   KEEPER_BIN=/tmp/keeper-before scripts/bench-keeper.sh       # another keeper binary
 #   BENCH_ROUNDS=5 scripts/bench-keeper.sh --put-clients 64 --get-clients 0 --watch-connections 0
 #                                            # 5 rounds of puts at 64 clients; medians
 #
@@ -135,7 +136,7 @@ start_keeper() {
   for i in 1 2 3; do
     port=2379$i
     port_free "$port" || { log "port $port is already in use"; return 1; }
-    launch "$bin/keeper" --id "$i" --listen "127.0.0.1:$port" --data-dir "$work/keeper-$i" \
+    launch "${KEEPER_BIN:-$bin/keeper}" --id "$i" --listen "127.0.0.1:$port" --data-dir "$work/keeper-$i" \
       --initial-cluster "$members" ${KEEPER_CONFIG:+--config "$KEEPER_CONFIG"} >"$work/keeper-$i.log" 2>&1
   done
 }
