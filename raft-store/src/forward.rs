@@ -662,8 +662,26 @@ mod tests {
             Group { nodes, calls, stop }
         }
 
-        fn leader_and_follower(&self) -> (usize, usize) {
-            let leader = self.nodes[0].leader().unwrap();
+        /// The positions of the leader all three nodes name and of a follower. On a loaded
+        /// machine the first leader can lose its term to a late election right after `start`,
+        /// so this waits until the nodes agree again.
+        async fn leader_and_follower(&self) -> (usize, usize) {
+            let mut statuses: Vec<_> = self.nodes.iter().map(|n| n.status_watch()).collect();
+            let agreed = async {
+                loop {
+                    let leaders: Vec<_> = statuses.iter().map(|s| s.borrow().leader).collect();
+                    if let Some(leader) = leaders[0]
+                        && leaders.iter().all(|l| *l == Some(leader))
+                    {
+                        return leader;
+                    }
+                    let changes = statuses.iter_mut().map(|s| Box::pin(s.changed()));
+                    futures::future::select_all(changes).await.0.unwrap();
+                }
+            };
+            let leader = tokio::time::timeout(std::time::Duration::from_secs(10), agreed)
+                .await
+                .expect("the three nodes name the same leader within 10 s");
             let leader = self.nodes.iter().position(|n| n.id() == leader).unwrap();
             (leader, (leader + 1) % 3)
         }
@@ -707,7 +725,7 @@ mod tests {
         links: bool,
     ) -> (Group, usize) {
         let group = Group::start(dirs, refuse_streams, links).await;
-        let (leader, follower) = group.leader_and_follower();
+        let (leader, follower) = group.leader_and_follower().await;
         count_through(&group.nodes[follower], 0, 40).await;
         count_through(&group.nodes[follower], 40, 40).await;
         (group, leader)
