@@ -24,6 +24,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
 use std::task::Poll;
 
 use futures::StreamExt;
@@ -49,6 +51,15 @@ struct Shared {
     queue: Mutex<Vec<Started>>,
     /// The connection's task, woken when a future is started outside its poll.
     task: AtomicWaker,
+    /// Set while `drive` polls: hyper starts futures from inside that poll (while it polls the
+    /// connection), and `drive` takes them before it returns, so those need no wake-up.
+    polling: AtomicBool,
+}
+
+impl Shared {
+    fn take(&self) -> Vec<Started> {
+        std::mem::take(&mut *self.queue.lock().expect("connection task queue lock"))
+    }
 }
 
 impl<F> hyper::rt::Executor<F> for ConnectionTasks
@@ -61,7 +72,9 @@ where
             .lock()
             .expect("connection task queue lock")
             .push(Box::pin(future));
-        self.shared.task.wake();
+        if !self.shared.polling.load(Ordering::SeqCst) {
+            self.shared.task.wake();
+        }
     }
 }
 
@@ -74,38 +87,49 @@ impl ConnectionTasks {
         let mut started = FuturesUnordered::new();
         std::future::poll_fn(|cx| {
             self.shared.task.register(cx.waker());
-            for _ in 0..MAX_TURNS {
+            self.shared.polling.store(true, Ordering::SeqCst);
+            let mut outcome = Poll::Pending;
+            for turn in 1..=MAX_TURNS {
                 if ended.is_none()
                     && let Poll::Ready(output) = connection.as_mut().poll(cx)
                 {
                     ended = Some(output);
                 }
-                let new = std::mem::take(
-                    &mut *self
-                        .shared
-                        .queue
-                        .lock()
-                        .expect("connection task queue lock"),
-                );
+                let new = self.shared.take();
                 let mut progress = !new.is_empty();
                 started.extend(new);
                 while let Poll::Ready(Some(())) = started.poll_next_unpin(cx) {
                     progress = true;
                 }
                 if ended.is_some() {
-                    return match started.is_empty() {
-                        true => Poll::Ready(ended.take().expect("the connection ended")),
-                        false => Poll::Pending,
-                    };
+                    if started.is_empty() {
+                        outcome = Poll::Ready(ended.take().expect("the connection ended"));
+                    }
+                    break;
                 }
                 // A future that finished (a request answered) queued frames: the connection
                 // writes them now rather than on its next wake-up.
                 if !progress {
-                    return Poll::Pending;
+                    break;
+                }
+                if turn == MAX_TURNS {
+                    // Still busy: let the worker run its other tasks first.
+                    cx.waker().wake_by_ref();
                 }
             }
-            cx.waker().wake_by_ref();
-            Poll::Pending
+            self.shared.polling.store(false, Ordering::SeqCst);
+            // Started during this poll after its last look (by a future it polled): not woken for.
+            if outcome.is_pending()
+                && !self
+                    .shared
+                    .queue
+                    .lock()
+                    .expect("connection task queue lock")
+                    .is_empty()
+            {
+                cx.waker().wake_by_ref();
+            }
+            outcome
         })
         .await
     }
@@ -113,9 +137,6 @@ impl ConnectionTasks {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicBool;
-    use std::sync::atomic::Ordering;
-
     use hyper::rt::Executor;
     use tokio::sync::oneshot;
 
@@ -167,5 +188,20 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(10), tasks.drive(connection))
             .await
             .expect("both futures finish");
+    }
+
+    #[tokio::test]
+    async fn a_future_started_outside_the_poll_still_runs() {
+        let tasks = ConnectionTasks::default();
+        let (close, closed) = oneshot::channel::<()>();
+        let driver = tokio::spawn(tasks.clone().drive(async { closed.await.unwrap() }));
+        let (ran, has_run) = oneshot::channel::<()>();
+        tasks.execute(async move { ran.send(()).unwrap() });
+        tokio::time::timeout(std::time::Duration::from_secs(10), has_run)
+            .await
+            .expect("the future runs")
+            .unwrap();
+        close.send(()).unwrap();
+        driver.await.unwrap();
     }
 }
