@@ -3,9 +3,8 @@
 //! Every write that reaches a follower must run on the leader. Sending each one as its own peer
 //! RPC costs a gRPC round trip of CPU on both sides per write, which under load is most of a
 //! write's cost. Instead, one task per node queues forwarded writes and sends whatever has queued
-//! up as one batch, with at most [`MAX_IN_FLIGHT`] batches outstanding: while those are out, new
-//! writes pile up and leave together in the next batch, so batches grow with the load and a lone
-//! write still leaves at once.
+//! up as one batch, one batch at a time: while it is out, new writes pile up and leave together in
+//! the next batch, so batches grow with the load and a lone write still leaves at once.
 //!
 //! Batches travel on one long-lived stream per leader ([`Link`]), each message carrying a
 //! sequence number its answer repeats: a batch costs one message each way instead of an HTTP/2
@@ -27,7 +26,6 @@ use futures::channel::mpsc::UnboundedSender;
 use longlink_proto::raftpb::RaftMessage;
 use serde::Deserialize;
 use serde::Serialize;
-use tokio::sync::Semaphore;
 use tokio::sync::mpsc;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -86,11 +84,6 @@ pub(crate) struct StreamedReplies {
 /// What became of one batch: a reply per write, or one error for all of them.
 type BatchOutcome = std::result::Result<Vec<ForwardReply>, ForwardError>;
 
-/// Batches sent to the leader and not yet answered; more writes wait and join the next batch.
-/// One: the next batch leaves when the previous one is answered, so batches are as large as
-/// the load makes them. Against 4 (puts at 16-256 clients, 3 alternating runs, docs/benchmarks.md)
-/// it took ~8% less keeper CPU per put and did 3-8% more puts with the same p99.
-const MAX_IN_FLIGHT: usize = 1;
 /// Upper bounds of one batch, so a batch stays well under the peer message limit.
 const MAX_BATCH_WRITES: usize = 512;
 const MAX_BATCH_BYTES: usize = 8 << 20;
@@ -152,9 +145,13 @@ impl WriteBatcher {
     }
 }
 
+/// Sends one batch at a time, from this task: the next batch leaves when the previous one is
+/// answered, so batches are as large as the load makes them. Against 4 batches in flight (puts at
+/// 16-256 clients, 3 alternating runs, docs/benchmarks.md) one took ~8% less keeper CPU per put
+/// and did 3-8% more puts with the same p99. Sent from here rather than from a task of its own, a
+/// batch spawns nothing and its answer wakes one task instead of two.
 async fn run(mut rx: mpsc::Receiver<PendingWrite>, peers: Peers) {
-    let links = Arc::new(Links::new(peers));
-    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let links = Links::new(peers);
     let mut carried: Option<PendingWrite> = None;
     loop {
         let first = match carried.take() {
@@ -164,18 +161,10 @@ async fn run(mut rx: mpsc::Receiver<PendingWrite>, peers: Peers) {
                 None => return,
             },
         };
-        // Wait for a free slot before collecting: everything that queues meanwhile joins.
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
-            return;
-        };
         // A write for another leader (the leader just changed) starts the next batch.
         let batch;
         (batch, carried) = take_batch(&mut rx, first, |p| p.command.len(), |a, b| a.addr == b.addr);
-        let links = links.clone();
-        tokio::spawn(async move {
-            send(&links, batch).await;
-            drop(permit);
-        });
+        send(&links, batch).await;
     }
 }
 

@@ -64,7 +64,7 @@ fn fatal(e: impl std::fmt::Display) -> Status {
 type ReplyStream = Pin<Box<dyn Stream<Item = Result<RaftMessage, Status>> + Send>>;
 
 /// Batches of one `ForwardStream` proposed at the same time; more wait in the stream. A follower
-/// sends one at a time (`forward::MAX_IN_FLIGHT`), so this only bounds a misbehaving peer.
+/// sends one at a time (`forward::run`), so this only bounds a misbehaving peer.
 const FORWARD_STREAM_BATCHES: usize = 16;
 
 /// Answers a leader's stream of append requests: each goes to openraft, each result comes back
