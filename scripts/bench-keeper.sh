@@ -174,6 +174,21 @@ measure() {
 
 fs="$(df -PT "$work" | awk 'NR == 2 { print $2 }')"
 log "machine: $(nproc) cores, data in $work ($fs), $(etcd --version | head -n 1)"
+
+# The disk's latency for a synced 4 KiB append, what a WAL write costs (dd with O_DSYNC, 500
+# writes). It moves several-fold on a shared host, and the systems feel it differently (keeper's
+# group commit shares one sync among many writes), so it is logged with every round and kept in
+# $out/disk.txt next to the results.
+probe_disk() {
+  local when=$1 secs
+  secs="$(LC_ALL=C dd if=/dev/zero of="$work/disk-probe" bs=4096 count=500 oflag=dsync 2>&1 |
+    awk '/copied/ { for (i = 1; i <= NF; i++) if ($i ~ /^s,?$/) print $(i - 1) }')"
+  rm -f "$work/disk-probe"
+  [[ -n $secs ]] || { log "disk probe failed"; return 0; }
+  awk -v s="$secs" -v w="$when" 'BEGIN { printf "%s: synced 4 KiB append %.0f us\n", w, s / 500 * 1e6 }' |
+    tee -a "$out/disk.txt" >&2
+}
+probe_disk "before round 1"
 [[ $fs != tmpfs ]] || log "warning: $work is on tmpfs, fsync is free there; set BENCH_TMPDIR to a disk"
 
 declare -A endpoints_of=(
@@ -192,6 +207,7 @@ for ((round = 1; round <= rounds; round++)); do
     fi
     measure "$name" "${endpoints_of[$name]}" "$file" "$@"
   done
+  probe_disk "after round $round"
 done
 
 # keeper files first, then etcd, each in round order: report pairs the i-th of each.
