@@ -57,8 +57,8 @@ struct Shared {
 }
 
 impl Shared {
-    fn take(&self) -> Vec<Started> {
-        std::mem::take(&mut *self.queue.lock().expect("connection task queue lock"))
+    fn queue(&self) -> std::sync::MutexGuard<'_, Vec<Started>> {
+        self.queue.lock().expect("connection task queue lock")
     }
 }
 
@@ -67,11 +67,7 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     fn execute(&self, future: F) {
-        self.shared
-            .queue
-            .lock()
-            .expect("connection task queue lock")
-            .push(Box::pin(future));
+        self.shared.queue().push(Box::pin(future));
         if !self.shared.polling.load(Ordering::SeqCst) {
             self.shared.task.wake();
         }
@@ -95,7 +91,7 @@ impl ConnectionTasks {
                 {
                     ended = Some(output);
                 }
-                let new = self.shared.take();
+                let new = std::mem::take(&mut *self.shared.queue());
                 let mut progress = !new.is_empty();
                 started.extend(new);
                 while let Poll::Ready(Some(())) = started.poll_next_unpin(cx) {
@@ -119,14 +115,7 @@ impl ConnectionTasks {
             }
             self.shared.polling.store(false, Ordering::SeqCst);
             // Started during this poll after its last look (by a future it polled): not woken for.
-            if outcome.is_pending()
-                && !self
-                    .shared
-                    .queue
-                    .lock()
-                    .expect("connection task queue lock")
-                    .is_empty()
-            {
+            if outcome.is_pending() && !self.shared.queue().is_empty() {
                 cx.waker().wake_by_ref();
             }
             outcome
