@@ -174,6 +174,7 @@ measure() {
 
 fs="$(df -PT "$work" | awk 'NR == 2 { print $2 }')"
 log "machine: $(nproc) cores, data in $work ($fs), $(etcd --version | head -n 1)"
+[[ $fs != tmpfs ]] || log "warning: $work is on tmpfs, fsync is free there; set BENCH_TMPDIR to a disk"
 
 # The disk's latency for a synced 4 KiB append, what a WAL write costs (dd with O_DSYNC, 500
 # writes). It moves several-fold on a shared host, and the systems feel it differently (keeper's
@@ -189,7 +190,6 @@ probe_disk() {
     tee -a "$out/disk.txt" >&2
 }
 probe_disk "before round 1"
-[[ $fs != tmpfs ]] || log "warning: $work is on tmpfs, fsync is free there; set BENCH_TMPDIR to a disk"
 
 declare -A endpoints_of=(
   [keeper]=127.0.0.1:23791,127.0.0.1:23792,127.0.0.1:23793
